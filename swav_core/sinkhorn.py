@@ -1,0 +1,5 @@
+"""Placeholder until its module lands."""
+
+
+def sinkhorn(*a, **k):
+    raise NotImplementedError
