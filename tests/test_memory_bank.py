@@ -1,0 +1,181 @@
+"""MemoryBankModule against a ``collections.deque(maxlen=length)`` model of a FIFO queue."""
+import collections
+import io
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from swav_core import MemoryBankModule
+from strategies import push_sequences
+
+
+def _rows(start, b, dim, device):
+    """b distinct rows whose first entry is a unique non-zero id (exact in float32)."""
+    ids = torch.arange(start, start + b, dtype=torch.float32, device=device)
+    return torch.stack([ids * (j + 1) for j in range(dim)], dim=1)  # (b, D)
+
+
+def _expected(model, dim, device):
+    return torch.stack(list(model)) if model else torch.zeros(0, dim, device=device)
+
+
+def _roundtrip(state, via_bytes):
+    if not via_bytes:
+        return state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def _check_against(bank, model, dim, device):
+    length = model.maxlen
+    if bank.dim is None:  # nothing pushed yet into an int-size queue: D unknown
+        assert len(model) == 0 and bank.features().shape == (0, 0) and bank.num_filled == 0
+        return
+    assert bank.num_filled == len(model)
+    assert bank.is_full == (len(model) == length)
+    assert torch.equal(bank.features(ordered=True), _expected(model, dim, device))
+    unordered = bank.features(ordered=False)
+    assert unordered.untyped_storage().data_ptr() == bank._bank.untyped_storage().data_ptr()
+    key = lambda t: t[:, 0].argsort()  # noqa: E731 (rows are told apart by their unique id)
+    expected = _expected(model, dim, device)
+    assert torch.equal(unordered[key(unordered)], expected[key(expected)])
+    _, storage = bank(torch.zeros(1, dim, device=device))  # (D, length), slot order
+    empty = storage.T[(storage.T != 0).any(dim=1) == 0]
+    assert empty.shape[0] == length - len(model)  # every slot without a real row is zero
+
+
+@settings(max_examples=40)
+@given(seq=push_sequences(), cut=st.integers(0, 8), via_bytes=st.booleans())
+@example(seq=(4, 2, [3, 3, 3]), cut=1, via_bytes=True)  # wrap around the end, then a restore
+@example(seq=(3, 1, [7, 1]), cut=1, via_bytes=False)  # a batch longer than the queue
+@example(seq=(5, 3, [0, 5, 2]), cut=2, via_bytes=True)  # empty batch, exact fill
+@example(seq=(1, 1, [0]), cut=0, via_bytes=False)  # restore before D is known
+def test_ring_buffer_matches_deque(device, seq, cut, via_bytes):
+    length, dim, sizes = seq
+    bank = MemoryBankModule(size=length).to(device)
+    model = collections.deque(maxlen=length)
+    next_id = 1
+    for i, b in enumerate(sizes):
+        if i == cut:  # checkpoint mid-sequence and continue in a fresh module
+            restored = MemoryBankModule(size=length).to(device)
+            restored.load_state_dict(_roundtrip(bank.state_dict(), via_bytes), strict=True)
+            bank = restored
+            _check_against(bank, model, dim, device)
+        x = _rows(next_id, b, dim, device)
+        next_id += b
+        bank.push(x)
+        model.extend(x.unbind(0))
+        _check_against(bank, model, dim, device)
+
+
+def test_unordered_view_follows_later_pushes(device):
+    bank = MemoryBankModule(size=(4, 2)).to(device)
+    bank.push(_rows(1, 4, 2, device))
+    view = bank.features(ordered=False)
+    bank.push(_rows(5, 1, 2, device))  # overwrites the oldest slot, 0
+    assert torch.equal(view[0], _rows(5, 1, 2, device)[0])  # no copy was made
+
+
+@pytest.mark.parametrize("feature_dim_first", [True, False])
+def test_forward_returns_pre_update_bank(device, feature_dim_first):
+    bank = MemoryBankModule(size=5, feature_dim_first=feature_dim_first).to(device)
+    first = _rows(1, 3, 2, device)
+    out, before = bank(first, labels=torch.zeros(3), update=True)
+    assert out is first
+    assert torch.equal(before, torch.zeros((2, 5) if feature_dim_first else (5, 2), device=device))
+    second = _rows(4, 4, 2, device).requires_grad_()
+    _, stored = bank(second, update=True)
+    slots = torch.cat([first, torch.zeros(2, 2, device=device)])  # (length, D) before the 2nd push
+    assert torch.equal(stored, slots.T if feature_dim_first else slots)
+    assert not stored.requires_grad
+    bank.push(_rows(100, 5, 2, device))
+    assert torch.equal(stored, slots.T if feature_dim_first else slots)  # a copy, not a view
+
+
+def test_tuple_size_knows_dim_before_first_push(device):
+    bank = MemoryBankModule(size=(6, 3)).to(device)
+    assert (bank.length, bank.dim, bank.num_filled, bank.is_full) == (6, 3, 0, False)
+    assert bank.features().shape == (0, 3)
+    _, stored = bank(torch.ones(2, 3, device=device))
+    assert torch.equal(stored, torch.zeros(3, 6, device=device))
+    assert MemoryBankModule(size=6).dim is None
+
+
+def test_lightly_state_dict_loads_strict_and_empties_queue(device):
+    net = nn.Sequential(nn.Linear(2, 2), MemoryBankModule(size=4)).to(device)
+    net[1].push(_rows(1, 3, 2, device))
+    lightly_state = {k: v for k, v in net.state_dict().items() if not k.startswith("1.")}
+    assert set(lightly_state) == {"0.weight", "0.bias"}
+    net.load_state_dict(lightly_state, strict=True)
+    assert net[1].num_filled == 0 and not net[1].is_full
+    assert torch.equal(net[1]._bank, torch.zeros(4, 2, device=device))
+    assert net[1]._ptr == 0
+
+
+def test_state_dict_keys_and_errors(device):
+    bank = MemoryBankModule(size=(4, 2)).to(device)
+    bank.push(_rows(1, 5, 2, device))
+    state = bank.state_dict()
+    assert set(state) == {"bank", "bank_ptr", "bank_filled"}
+    assert (int(state["bank_ptr"]), int(state["bank_filled"])) == (1, 4)
+    with pytest.raises(RuntimeError, match=r"\(4, 2\).*\(4, 3\)"):
+        MemoryBankModule(size=(4, 3)).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"\(4, 2\).*\(5, 'D'\)"):
+        MemoryBankModule(size=5).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="missing.*bank_filled"):
+        MemoryBankModule(size=4).load_state_dict({"bank": state["bank"], "bank_ptr": state["bank_ptr"]})
+    bad = dict(state, bank_filled=torch.tensor(2))  # not full, yet the pointer is not at the fill
+    with pytest.raises(RuntimeError, match="bank_ptr=1, bank_filled=2"):
+        MemoryBankModule(size=4).load_state_dict(bad)
+
+
+def test_to_casts_storage_and_incoming_features(device):
+    bank = MemoryBankModule(size=3).to(device).to(torch.float64)  # before D is known
+    bank.push(torch.tensor([[0.1, 0.2]], device=device))  # float32 in
+    assert bank.features().dtype == torch.float64
+    assert torch.equal(bank.features(), torch.tensor([[0.1, 0.2]], device=device).double())
+    bank.half()
+    assert bank.features().dtype == torch.float16 and bank.features().device.type == device
+    state = bank.state_dict()
+    assert state["bank"].dtype == torch.float16
+    restored = MemoryBankModule(size=3).to(device)  # float32 module: the checkpoint is cast
+    restored.load_state_dict(state)
+    assert restored.features().dtype == torch.float32
+    assert torch.equal(restored.features(), bank.features().float())
+
+
+def test_size_zero_disables(device):
+    bank = MemoryBankModule(size=0).to(device)
+    x = torch.ones(2, 3, device=device)
+    out, stored = bank(x, update=True)
+    assert out is x and stored is None
+    assert bank.num_filled == 0 and not bank.is_full
+    with pytest.raises(ValueError, match="disabled"):
+        bank.push(x)
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, True, (3,), (3, 0), (-1, 2), (2, 2.0), "65536", None])
+def test_bad_size_raises(size):
+    with pytest.raises(ValueError, match=r"size must be .*got"):
+        MemoryBankModule(size=size)
+
+
+def test_bad_batches_raise(device):
+    bank = MemoryBankModule(size=(5, 3)).to(device)
+    with pytest.raises(ValueError, match=r"\(B, 3\), got \(3,\)"):
+        bank.push(torch.ones(3, device=device))
+    with pytest.raises(ValueError, match=r"\(B, 3\).*\(5, 3\), got \(2, 4\)"):
+        bank.push(torch.ones(2, 4, device=device))
+    with pytest.raises(ValueError, match=r"forward expects .*\(B, 3\).*got \(2, 1, 3\)"):
+        bank(torch.ones(2, 1, 3, device=device), update=True)
+    assert bank.num_filled == 0
+
+
+def test_extra_repr():
+    text = repr(MemoryBankModule(size=(10, 4), gather_distributed=True))
+    assert "size=(10, 4), gather_distributed=True, feature_dim_first=True" in text
