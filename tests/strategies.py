@@ -42,3 +42,55 @@ def prototype_configs(draw, *, max_dim=8, max_prototypes=10, max_heads=3, max_fr
     ks = st.integers(1, max_prototypes)
     n_prototypes = draw(ks | st.lists(ks, min_size=1, max_size=max_heads))
     return dim, n_prototypes, draw(st.integers(0, max_frozen)), draw(st.booleans())
+
+
+@st.composite
+def multicrop_configs(draw, *, dims=(2, 3), max_batch=3, max_channels=3, max_size_2d=20, max_size_3d=10):
+    """``(input shape (B, C, *spatial), MultiCrop kwargs)``: sizes as ints or tuples, random crop
+    counts (at least 2 crops), scale ranges ``0 < lo <= hi <= 1``, flips and intensity jitter."""
+    d = draw(st.sampled_from(dims))
+    top = max_size_2d if d == 2 else max_size_3d
+    spatial = tuple(draw(st.integers(2, top)) for _ in range(d))
+    size = st.integers(1, top) | st.tuples(*[st.integers(1, top)] * d)
+    n_high = draw(st.integers(1, 3))
+
+    def scale():
+        lo = draw(st.floats(0.01, 1.0))
+        return lo, draw(st.floats(lo, 1.0))
+
+    cfg = dict(high_size=draw(size), low_size=draw(size), n_high=n_high,
+               n_low=draw(st.integers(1 if n_high == 1 else 0, 3)), high_scale=scale(), low_scale=scale(),
+               flip=draw(st.booleans()), intensity=draw(st.sampled_from([0.0, 0.1, 0.5])))
+    return (draw(st.integers(1, max_batch)), draw(st.integers(1, max_channels))) + spatial, cfg
+
+
+@st.composite
+def score_matrices(draw, *, max_batch=24, max_prototypes=24, max_abs=1.0, outliers=True):
+    """A (B, K) float32 CPU score matrix in [-max_abs, max_abs] on a grid of max_abs / 1024.
+
+    With ``max_abs`` a power of two every score, and every score plus a small integer, is exact in
+    float32. With ``outliers`` one prototype and/or one sample may be pushed below the rest by up to
+    2 * max_abs (a prototype or a sample far from everything: the underflow cases).
+    """
+    import torch  # local import: this module stays importable without torch for other builders
+
+    batch, prototypes = draw(st.integers(1, max_batch)), draw(st.integers(1, max_prototypes))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    steps = 1024
+    scores = torch.randint(-steps, steps + 1, (batch, prototypes), generator=g).float() * (max_abs / steps)
+    if outliers and draw(st.booleans()):
+        scores[:, draw(st.integers(0, prototypes - 1))] -= draw(st.sampled_from([0.5, 1.0, 2.0])) * max_abs
+    if outliers and draw(st.booleans()):
+        scores[draw(st.integers(0, batch - 1))] -= draw(st.sampled_from([0.5, 1.0, 2.0])) * max_abs
+    return scores
+
+
+@st.composite
+def swav_crop_configs(draw, *, max_high=3, max_low=4, max_batch=8, max_prototypes=16, max_queue=24):
+    """``(n_high, n_low, B, K, queue_sizes, seed)`` for SwaVLoss: at least 2 crops and 1 high-res;
+    ``queue_sizes`` is None or one queue length (0 allowed) per high-resolution crop."""
+    n_high = draw(st.integers(1, max_high))
+    n_low = draw(st.integers(1 if n_high == 1 else 0, max_low))
+    queue = draw(st.none() | st.lists(st.integers(0, max_queue), min_size=n_high, max_size=n_high))
+    return (n_high, n_low, draw(st.integers(1, max_batch)), draw(st.integers(1, max_prototypes)), queue,
+            draw(st.integers(0, 2**32 - 1)))

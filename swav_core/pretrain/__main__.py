@@ -1,0 +1,6 @@
+"""``python -m swav_core.pretrain``: see ``--help``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

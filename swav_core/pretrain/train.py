@@ -1,0 +1,243 @@
+"""The pretraining loop: set-up (single process or torchrun), steps, checkpoints, stop and resume."""
+import argparse
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import distributed as D
+from ..loss import SwaVLoss
+from ..model import SwaV
+from ..multicrop import MultiCrop
+from . import checkpoint, report
+from .backbones import SmallCNN
+from .data import Data, batch_indices, derive_seed, load_data
+from .evaluate import evaluate
+from .signals import StopRequest
+
+__all__ = ["run", "lr_at"]
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay towards 0 at ``steps``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _setup_distributed(device_name: str):
+    """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); return (device, owns_group)."""
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch.cuda.is_available() is False")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns_group = world > 1 and not D.is_distributed()
+    if owns_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, owns_group
+
+
+def _build(args: argparse.Namespace, data: Data, device: torch.device):
+    spatial = data.train.shape[2:]
+    high = args.high_size or min(spatial)
+    crops = MultiCrop(high, args.low_size or max(1, high // 2), n_high=2, n_low=args.n_low,
+                      high_scale=args.high_scale, low_scale=args.low_scale, intensity=args.intensity)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's RNG left as it was
+        torch.manual_seed(args.seed)  # the same initialisation on every rank and on resume
+        backbone = SmallCNN(data.train.shape[1], data.dims, args.widths)
+        model = SwaV(backbone, backbone.num_ftrs, args.out_dim, args.prototypes,
+                     n_queues=2 if args.queue_length else 0, queue_length=args.queue_length,
+                     n_steps_frozen_prototypes=args.freeze_prototypes_steps,
+                     group_crops_by_resolution=args.group_crops_by_resolution).to(device)
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_fn = SwaVLoss(args.temperature, args.sinkhorn_iterations, args.epsilon,
+                       sinkhorn_gather_distributed=D.world_size() > 1)
+    return crops, model, optimizer, loss_fn
+
+
+def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption)."""
+    if args.stop_at is not None and args.stop_at > args.steps:
+        raise ValueError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
+    device, owns_group = _setup_distributed(args.device)
+    try:
+        with StopRequest() as stop:
+            return _run(args, device, stop)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step and saves with the checkpoint."""
+
+    step: int = 0
+    loss_first: Optional[float] = None
+    loss_last: Optional[float] = None
+    seconds: float = 0.0  # time spent in training steps, over all sessions of the run
+    window: List[float] = field(default_factory=list)  # losses since the last progress line
+    window_start: float = field(default_factory=time.perf_counter)
+
+
+def _say(*args) -> None:
+    if D.rank() == 0:
+        print(*args, flush=True)
+
+
+def _with_data_defaults(args: argparse.Namespace, data: Data) -> argparse.Namespace:
+    """Fill the options whose default depends on 2D or 3D data (3D volumes cost ~13x more per crop)."""
+    two_d = data.dims == 2
+    return argparse.Namespace(**{
+        **vars(args),
+        "batch_size": args.batch_size or (64 if two_d else 32),
+        "widths": tuple(args.widths or ((16, 32, 64, 128) if two_d else (8, 16, 32, 64))),
+    })
+
+
+def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
+    data = load_data(args.data, args.seed, n_train=args.n_train, n_test=args.n_test)
+    args = _with_data_defaults(args, data)
+    config = dict(vars(args))
+    crops, model, optimizer, loss_fn = _build(args, data, device)
+    init_backbone = copy.deepcopy(model.backbone).cpu()  # the random-initialisation baseline
+    progress = _resume(args, config, paths["checkpoint.pt"], model, optimizer) if args.resume else _Progress()
+    if D.rank() == 0:
+        report.reset_log(paths["log.csv"], progress.step)
+    net = DistributedDataParallel(model) if D.world_size() > 1 else model
+    end = min(args.steps, args.stop_at or args.steps)
+    _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {D.world_size()} process(es) on {device} | "
+         f"B={args.batch_size}/process, {_crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
+    progress.window_start = time.perf_counter()
+    for step in range(progress.step, end):
+        _train_step(args, step, data, crops, net, loss_fn, optimizer, device, progress)
+        if progress.step % args.log_every == 0 or progress.step == end:
+            _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
+        interrupted = stop.requested_anywhere(device)
+        if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
+            _save(paths["checkpoint.pt"], model, optimizer, config, progress)
+        if interrupted:
+            _say(f"interrupted after step {progress.step}: saved {paths['checkpoint.pt']}; continue with --resume")
+            return 130
+    if end < args.steps:
+        _say(f"stopped after step {end} (--stop-at): saved {paths['checkpoint.pt']}; continue with --resume")
+        return 0
+    _finish(args, config, data, model, init_backbone, crops, device, progress, paths["metrics.json"])
+    return 0
+
+
+def _resume(args, config, path: str, model, optimizer) -> _Progress:
+    ckpt = checkpoint.load(path)
+    checkpoint.check_config(ckpt["config"], config, ckpt["world_size"], D.world_size())
+    if args.stop_at is not None and args.stop_at <= ckpt["step"]:
+        raise ValueError(f"--stop-at {args.stop_at} but the checkpoint is already at step {ckpt['step']}")
+    model.load_state_dict(ckpt["model_per_rank"][D.rank()], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    checkpoint.set_rng_state(ckpt["rng"][D.rank()])
+    _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
+    return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"])
+
+
+def _train_step(args, step: int, data: Data, crops: MultiCrop, net, loss_fn, optimizer, device, progress) -> None:
+    """One optimisation step; its data and crops depend only on (seed, step, rank)."""
+    t0 = time.perf_counter()
+    rank, world = D.rank(), D.world_size()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, args.steps, args.lr, args.warmup_steps)
+    x = data.train[batch_indices(step, args.batch_size, len(data.train), args.seed, rank, world)]
+    high, low = crops(x.to(device), generator=torch.Generator().manual_seed(derive_seed("crops", args.seed, step, rank)))
+    epoch = step * args.batch_size * world // len(data.train)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        high_scores, low_scores, queue_scores = net((high, low), epoch=epoch, step=step)
+        loss = loss_fn(high_scores, low_scores, queue_scores)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    value = loss.detach().item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr or raise --epsilon")
+    progress.step, progress.loss_last = step + 1, value
+    progress.loss_first = value if progress.loss_first is None else progress.loss_first
+    progress.seconds += time.perf_counter() - t0
+    progress.window.append(value)
+
+
+def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path: str, device) -> None:
+    """A progress line and a log.csv row: the mean loss over all ranks since the last line."""
+    n = len(progress.window)
+    mean = D.all_reduce_sum_(torch.tensor([sum(progress.window) / n], device=device)).item() / D.world_size()
+    elapsed = time.perf_counter() - progress.window_start
+    cps = n * args.batch_size * (crops.n_high + crops.n_low) * D.world_size() / elapsed
+    if D.rank() == 0:
+        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * elapsed / n))
+        report.append_log(path, dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
+                                     crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}"))
+    progress.window, progress.window_start = [], time.perf_counter()
+
+
+def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
+    """Every rank's state is gathered (its own queues), rank 0 writes, all wait for the file."""
+    states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
+    if D.rank() == 0:
+        checkpoint.save(path, {
+            "model": states[0], "model_per_rank": states, "optimizer": optimizer.state_dict(),
+            "step": progress.step, "rng": rngs, "config": config, "world_size": D.world_size(),
+            "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
+            "torch": torch.__version__,
+        })
+    if D.world_size() > 1:
+        dist.barrier()
+
+
+def _finish(args, config, data, model, init_backbone, crops, device, progress: _Progress, path: str) -> None:
+    """k-NN evaluation, metrics.json and the summary, on rank 0; the other ranks wait."""
+    if D.rank() == 0:
+        if progress.step == 0:
+            raise ValueError("no training step was run")
+        metrics = evaluate(model, init_backbone, data, device, args.knn_k)
+        n_crops = crops.n_high + crops.n_low
+        metrics.update(
+            steps=args.steps, loss_first=progress.loss_first, loss_last=progress.loss_last,
+            seconds=round(progress.seconds, 3),
+            crops_per_s=round(args.batch_size * n_crops * D.world_size() * args.steps / max(progress.seconds, 1e-9), 1),
+            device=str(device), world_size=D.world_size(), n_train=len(data.train),
+            config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        )
+        report.write_metrics(path, metrics)
+        _summary(args, metrics)
+    if D.world_size() > 1:
+        dist.barrier()
+
+
+def _crops_text(crops: MultiCrop) -> str:
+    size = lambda s: "x".join(map(str, s))  # noqa: E731
+    return f"{crops.n_high}x{size(crops.high_size)} + {crops.n_low}x{size(crops.low_size)} crops"
+
+
+def _summary(args, m: Dict[str, Any]) -> None:
+    _say(f"done: {m['steps']} steps, {m['seconds']:.1f} s training ({m['crops_per_s']:,.0f} crops/s), "
+         f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}")
+    if m.get("knn_top1") is not None:
+        _say(f"k-NN top-1 (k={args.knn_k}, {m['knn_test_samples']} held-out samples): "
+             f"{m['knn_top1']:.3f} pretrained vs {m['knn_top1_random_init']:.3f} at random initialisation")
+    else:
+        _say("k-NN evaluation skipped: the data has no labels")
+    _say(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, metrics.json, log.csv")

@@ -1,0 +1,266 @@
+"""SwaVLoss: a per-pair fp64 oracle, ln K, gradients only through predictions, errors, distributed."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from distributed_utils import run_distributed
+from strategies import swav_crop_configs
+from swav_core import SwaVLoss
+from test_sinkhorn import textbook_fp64
+
+# ---- the oracle: lightly's forward, one pair at a time, in float64 --------------------------------
+
+
+def per_pair_oracle(high, low, queue=None, temperature=0.1, iterations=3, epsilon=0.05, codes=None):
+    """ℓ = mean_i Σ_{v≠i} −mean_b Σ_k q_i log softmax(z_v/τ) / (n_crops − 1), with the codes of the
+    fp64 textbook on cat(z_i, queue_i) (or ``codes(i)``), log_softmax recomputed for every pair."""
+    crops = [z.detach().cpu().double() for z in high + low]
+    total = 0.0
+    for i in range(len(high)):
+        if codes is not None:
+            q = codes(i)
+        else:
+            scores = crops[i] if queue is None else torch.cat([crops[i], queue[i].detach().cpu().double()])
+            q = textbook_fp64(scores, iterations, epsilon)[: len(crops[i])]
+        subloss = 0.0
+        for v, z in enumerate(crops):
+            if v != i:
+                subloss += -(q * F.log_softmax(z / temperature, dim=1)).sum(dim=1).mean()
+        total += subloss / (len(crops) - 1)
+    return total / len(high)
+
+
+def make_crops(n_high, n_low, batch, prototypes, queue_sizes, seed, device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+
+    def scores(n):  # cosine-like scores in [-1, 1]
+        return (torch.rand(n, prototypes, generator=g) * 2 - 1).to(device, dtype)
+
+    high = [scores(batch) for _ in range(n_high)]
+    low = [scores(batch) for _ in range(n_low)]
+    queue = None if queue_sizes is None else [scores(n) for n in queue_sizes]
+    return high, low, queue
+
+
+# ---- value -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(
+    config=swav_crop_configs(),
+    temperature=st.floats(0.05, 1.0),
+    iterations=st.integers(1, 4),
+    epsilon=st.sampled_from([0.03, 0.05, 0.2]),
+)
+@example(config=(1, 1, 1, 1, None, 0), temperature=0.1, iterations=3, epsilon=0.05)  # K = 1: loss 0
+@example(config=(2, 6, 8, 16, [24, 24], 1), temperature=0.1, iterations=3, epsilon=0.05)  # SwAV's layout
+def test_matches_per_pair_oracle(device, config, temperature, iterations, epsilon):
+    high, low, queue = make_crops(*config, device)
+    loss_fn = SwaVLoss(temperature, iterations, epsilon)
+    loss = loss_fn(high, low, queue)
+    assert loss.shape == () and loss.dtype == torch.float32 and loss.device.type == device
+    expected = per_pair_oracle(high, low, queue, temperature, iterations, epsilon)
+    torch.testing.assert_close(loss.double().cpu(), torch.as_tensor(expected).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_iterations_zero_codes_are_the_softmax(device):
+    high, low, _ = make_crops(2, 2, 6, 9, None, 3, device)
+    softmax_codes = lambda i: torch.softmax(high[i].cpu().double() / 0.05, dim=1)  # noqa: E731
+    expected = per_pair_oracle(high, low, codes=softmax_codes)
+    torch.testing.assert_close(SwaVLoss(sinkhorn_iterations=0)(high, low).double().cpu(), expected.double())
+
+
+@settings(max_examples=20)
+@given(config=swav_crop_configs(max_prototypes=3000), value=st.floats(-1.0, 1.0, width=32))
+@example(config=(2, 6, 8, 3000, [64, 64], 0), value=0.3)
+def test_uniform_scores_give_ln_k(device, config, value):
+    n_high, n_low, batch, prototypes, queue_sizes, _ = config
+    full = lambda n: torch.full((n, prototypes), value, device=device)  # noqa: E731
+    queue = None if queue_sizes is None else [full(n) for n in queue_sizes]
+    loss = SwaVLoss()([full(batch) for _ in range(n_high)], [full(batch) for _ in range(n_low)], queue)
+    torch.testing.assert_close(loss.item(), math.log(prototypes), rtol=1e-6, atol=1e-7)
+
+
+def test_empty_queue_list_is_no_queue(device):
+    high, low, _ = make_crops(2, 3, 5, 7, None, 0, device)
+    loss = SwaVLoss()
+    assert torch.equal(loss(high, low, []), loss(high, low))
+    assert torch.equal(loss(high, low, None), loss(high, low))
+
+
+def test_multi_head_is_the_mean_over_heads(device):
+    g = torch.Generator().manual_seed(0)
+    ks = [7, 3, 12]
+    crop = lambda: [torch.randn(5, k, generator=g).to(device) for k in ks]  # noqa: E731
+    high, low, queue = [crop() for _ in range(2)], [crop() for _ in range(3)], [crop(), crop()]
+    loss = SwaVLoss()(high, low, queue)
+    per_head = [
+        per_pair_oracle([c[h] for c in high], [c[h] for c in low], [c[h] for c in queue]) for h in range(3)
+    ]
+    torch.testing.assert_close(loss.double().cpu(), torch.stack(per_head).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_result_is_0dim_float32_or_float64(device, dtype):
+    high, low, queue = make_crops(2, 2, 4, 6, [5, 3], 0, device, dtype)
+    loss = SwaVLoss()(high, low, queue)
+    assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected = per_pair_oracle(high, low, queue)
+    torch.testing.assert_close(loss.double().cpu(), expected.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_is_finite_and_close_to_float32(device):
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.nn.Linear(64, 300, bias=False).to(device)
+    features = [F.normalize(torch.randn(32, 64, generator=g), dim=1).to(device) for _ in range(8)]
+    loss_fn = SwaVLoss()
+
+    def loss():
+        scores = [prototypes(f) for f in features]
+        return loss_fn(scores[:2], scores[2:], [prototypes(f) for f in features[6:]])
+
+    reference = loss()
+    for dtype in [torch.bfloat16] + ([torch.float16] if device == "cuda" else []):
+        with torch.autocast(device_type=device, dtype=dtype):
+            low_precision = loss()
+        assert prototypes(features[0]).dtype == torch.float32  # outside autocast again
+        assert low_precision.dtype == torch.float32 and low_precision.shape == ()
+        assert torch.isfinite(low_precision) and abs(low_precision.item() - reference.item()) <= 1e-2
+
+
+# ---- gradient ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=20)
+@given(config=swav_crop_configs(), temperature=st.floats(0.05, 1.0))
+def test_gradient_only_through_predictions(device, config, temperature):
+    """dℓ/dz_v = (s_v · softmax(z_v/τ) − W_v) / (N τ), W_v = Σ_{i≠v} q_i the fixed codes, s_v its
+    row sums, N = n_high (n_crops − 1) B: the codes act as constants; the queue gets no gradient."""
+    high, low, queue = make_crops(*config, device)
+    crops = [z.requires_grad_() for z in high + low]
+    if queue is not None:
+        queue = [x.requires_grad_() for x in queue]
+    SwaVLoss(temperature)(crops[: len(high)], crops[len(high) :], queue).backward()
+    n_high, n = len(high), len(crops)
+    batch = high[0].shape[0]
+    codes = []
+    for i, z in enumerate(high):
+        scores = z if queue is None else torch.cat([z, queue[i]])
+        codes.append(textbook_fp64(scores)[:batch])
+    for v, z in enumerate(crops):
+        weight = sum(q for i, q in enumerate(codes) if i != v)
+        if n_high == 1 and v == 0:  # a lone high-resolution crop only provides codes
+            assert z.grad is None or not z.grad.any()
+            continue
+        p = torch.softmax(z.detach().cpu().double() / temperature, dim=1)
+        scale = 1.0 / (n_high * (n - 1) * batch * temperature)
+        expected = (weight.sum(dim=1, keepdim=True) * p - weight) * scale
+        # s·p and W (entries ≤ n_high) cancel where the prediction matches: compare at their scale.
+        torch.testing.assert_close(z.grad.cpu().double(), expected, rtol=1e-4, atol=1e-5 * n_high * scale)
+    assert queue is None or all(x.grad is None for x in queue)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def _crops(n, batch=4, k=5):
+    return [torch.randn(batch, k) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((_crops(1), []), "at least 2 crops"),
+        (([], _crops(3)), "at least one crop"),
+        ((_crops(2), [torch.randn(3, 5)]), "same shape"),
+        ((_crops(2), [torch.randn(4, 6)]), "same shape"),
+        ((_crops(2), _crops(1), _crops(3, 10)), "one entry per high-resolution crop"),
+        ((_crops(2), _crops(1), [torch.randn(10, 5), torch.randn(10, 4)]), "queue_outputs\\[1\\]"),
+        ((torch.randn(2, 4, 5), _crops(2)), "must be a list"),
+        ((_crops(2), _crops(1), torch.randn(10, 5)), "must be a list"),
+        (([torch.randn(4)], _crops(1)), "floating-point tensor"),
+        (([torch.ones(4, 5, dtype=torch.long)], _crops(1)), "floating-point tensor"),
+        (([_crops(2), _crops(2)], [_crops(1)]), "list over the 2 prototype heads"),
+        (([[torch.randn(4, 5)], torch.randn(4, 5)], []), "list over the 1 prototype heads"),
+        (([[], []], []), "at least one prototype head"),
+    ],
+)
+def test_bad_inputs_raise(args, match):
+    with pytest.raises(ValueError, match=match):
+        SwaVLoss()(*args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(sinkhorn_iterations=-1), "iterations"),
+        (dict(sinkhorn_epsilon=0.0), "epsilon"),
+    ],
+)
+def test_bad_hyper_parameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SwaVLoss(**kwargs)
+
+
+def test_non_finite_scores_raise(device):
+    high, low, _ = make_crops(2, 2, 4, 5, None, 0, device)
+    high[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"high_resolution_outputs\[1\] must be finite"):
+        SwaVLoss()(high, low)
+
+
+def test_defaults_and_repr():
+    loss = SwaVLoss()
+    assert (loss.temperature, loss.sinkhorn_iterations, loss.sinkhorn_epsilon) == (0.1, 3, 0.05)
+    assert "temperature=0.1" in repr(loss) and "sinkhorn_epsilon=0.05" in repr(loss)
+    assert list(loss.state_dict()) == []
+
+
+# ---- torch.compile -----------------------------------------------------------------------------
+
+
+def test_compile_matches_eager(device):
+    high, low, queue = make_crops(2, 2, 6, 8, [10, 10], 0, device)
+    high = [z.requires_grad_() for z in high]
+    eager = SwaVLoss()(high, low, queue)
+    eager_grads = torch.autograd.grad(eager, high)
+    compiled = torch.compile(SwaVLoss())(high, low, queue)
+    compiled_grads = torch.autograd.grad(compiled, high)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# ---- distributed: two gloo processes -------------------------------------------------------------
+
+
+def _rank_loss(rank, world_size, high, low, queue, sizes):
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    local_queue = [x[rank * 4 : rank * 4 + 4] for x in queue]  # each rank has its own queue rows
+    loss_fn = SwaVLoss(sinkhorn_gather_distributed=True)
+    return loss_fn([z[rows] for z in high], [z[rows] for z in low], local_queue)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [(5, 5), (2, 7)], ids=["equal", "unequal"])
+def test_gathered_codes_equal_single_process_codes(sizes):
+    """Each rank's loss uses its rows of the codes of all ranks' batches and queues concatenated."""
+    batch = sum(sizes)
+    high, low, queue = make_crops(2, 3, batch, 11, [8, 8], batch, "cpu")
+    losses = run_distributed(_rank_loss, 2, high, low, queue, sizes)
+    for rank, loss in enumerate(losses):
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+        def codes(i):  # single process: the textbook on every rank's (batch, queue) concatenated
+            parts = [high[i][:sizes[0]], queue[i][:4], high[i][sizes[0]:], queue[i][4:]]
+            q = textbook_fp64(torch.cat(parts))
+            return torch.cat([q[: sizes[0]], q[sizes[0] + 4 : batch + 4]])[rows]
+
+        expected = per_pair_oracle([z[rows] for z in high], [z[rows] for z in low], codes=codes)
+        torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)

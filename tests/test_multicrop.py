@@ -1,0 +1,196 @@
+"""MultiCrop: shapes, value ranges, crop geometry read back from coordinate ramps, exact identity,
+flips, intensity jitter, determinism and CPU/CUDA agreement."""
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from swav_core import MultiCrop
+from strategies import multicrop_configs
+
+
+def _crops(cfg, x, seed=0):
+    return MultiCrop(**cfg)(x, generator=torch.Generator().manual_seed(seed))
+
+
+@settings(max_examples=20)
+@given(case=multicrop_configs())
+def test_shapes_dtype_device(device, case):
+    shape, cfg = case
+    x = torch.randn(shape, device=device)
+    high, low = _crops(cfg, x)
+    d = len(shape) - 2
+    full = lambda s: (s,) * d if isinstance(s, int) else tuple(s)  # noqa: E731
+    assert len(high) == cfg["n_high"] and len(low) == cfg["n_low"]
+    for crops, size in ((high, cfg["high_size"]), (low, cfg["low_size"])):
+        for c in crops:
+            assert c.shape == shape[:2] + full(size)
+            assert c.dtype == x.dtype and c.device == x.device and torch.isfinite(c).all()
+
+
+@settings(max_examples=20)
+@given(case=multicrop_configs())
+def test_values_stay_in_the_jittered_input_range(device, case):
+    """Bilinear resampling with border padding is a convex combination of each sample's own values;
+    the jitter a·x + b then moves them by at most a ∈ [1 − i, 1 + i], b ∈ [−i, i]."""
+    shape, cfg = case
+    x = torch.randn(shape, device=device)
+    i = cfg["intensity"]
+    mn = x.flatten(2).amin(2)[..., None]  # (B, C, 1) per sample and channel
+    mx = x.flatten(2).amax(2)[..., None]
+    lo = torch.minimum((1 - i) * mn, (1 + i) * mn) - i - 1e-5
+    hi = torch.maximum((1 - i) * mx, (1 + i) * mx) + i + 1e-5
+    high, low = _crops(cfg, x)
+    for c in high + low:
+        flat = c.flatten(2)
+        assert (flat >= lo).all() and (flat <= hi).all()
+
+
+@settings(max_examples=15)
+@given(case=multicrop_configs(), seed=st.integers(0, 2**31))
+def test_deterministic_for_a_fixed_generator(device, case, seed):
+    shape, cfg = case
+    x = torch.randn(shape, device=device)
+    first, second = _crops(cfg, x, seed), _crops(cfg, x, seed)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spatial", [(8, 8), (5, 9), (4, 6, 7), (6, 6, 6)])
+def test_identity_is_exact(device, spatial):
+    x = torch.randn((3, 2) + spatial, device=device)
+    crops = MultiCrop(spatial, spatial, n_high=2, n_low=2, high_scale=(1, 1), low_scale=(1, 1), flip=False)
+    high, low = crops(x, generator=torch.Generator().manual_seed(1))
+    for c in high + low:
+        assert torch.equal(c, x)
+
+
+@pytest.mark.parametrize("spatial", [(6, 7), (3, 4, 5)])
+def test_full_scale_crops_with_flips_are_exact_flips_and_all_occur(device, spatial):
+    d = len(spatial)
+    x = torch.randn((64, 2) + spatial, device=device)
+    (out,), _ = MultiCrop(spatial, 2, n_high=1, n_low=1, high_scale=(1, 1))(x, torch.Generator().manual_seed(3))
+    seen = set()
+    for b in range(x.shape[0]):
+        matches = [axes for r in range(d + 1) for axes in itertools.combinations(range(d), r)
+                   if torch.equal(out[b], x[b].flip([a + 1 for a in axes]) if axes else x[b])]
+        assert matches, f"sample {b} is not a flip of its input"
+        seen.add(matches[0])
+    assert len(seen) == 2**d  # every combination of axes is drawn
+
+
+def _ramps(batch: int, n: int, d: int, device) -> torch.Tensor:
+    """(batch, d, n, …, n): channel i holds each voxel's index along spatial axis i (its centre)."""
+    axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float64)] * d, indexing="ij")
+    return torch.stack(axes).expand(batch, d, *[n] * d).contiguous().to(device)
+
+
+@settings(max_examples=25)
+@given(d=st.sampled_from([2, 3]), n=st.integers(8, 20), lo=st.floats(0.05, 1.0), width=st.floats(0.0, 1.0),
+       flip=st.booleans(), seed=st.integers(0, 2**31))
+@example(d=2, n=8, lo=1.0, width=0.0, flip=True, seed=0)
+def test_crop_geometry_read_back_from_coordinate_ramps(device, d, n, lo, width, flip, seed):
+    """A linear image is resampled exactly, so each output channel tells where it was sampled:
+    the crop is a square/cube inside the input, covering an area/volume fraction within the scale
+    range, with a negative slope exactly on the flipped axes (and none without flip)."""
+    hi = lo + (1 - lo) * width
+    n_out = min(n, math.floor(lo ** (1 / d) * n - 1e-9))  # crops ≥ n_out wide never reach the border clamp
+    assume(n_out >= 2)
+    x = _ramps(16, n, d, device)
+    (out,), _ = MultiCrop(n_out, 2, n_high=1, n_low=1, high_scale=(lo, hi), flip=flip)(
+        x, torch.Generator().manual_seed(seed))
+    extents, tol = [], 1e-6 * n
+    for i in range(d):
+        u = out[:, i].movedim(1 + i, -1).flatten(1, -2)  # (B, rest, n_out): values along axis i
+        slope = (u[..., -1] - u[..., 0]) / (n_out - 1)  # (B, rest)
+        predicted = u[..., :1] + slope[..., None] * torch.arange(n_out, device=device, dtype=u.dtype)
+        assert torch.allclose(u, predicted, atol=tol)  # linear along axis i …
+        assert torch.allclose(u, u[:, :1].expand_as(u), atol=tol)  # … and constant along the others
+        slope = slope[:, 0]
+        assert (slope != 0).all() and (flip or (slope > 0).all())
+        e = slope.abs() * n_out  # crop extent along axis i, in pixels
+        centre = (u[:, 0, 0] + u[:, 0, -1]) / 2
+        assert (centre - e / 2 >= -0.5 - tol).all() and (centre + e / 2 <= n - 0.5 + tol).all()
+        extents.append(e)
+    e = torch.stack(extents, 1)  # (B, d)
+    assert torch.allclose(e, e[:, :1].expand_as(e), atol=tol)  # square / cube
+    fraction = e.prod(1) / n**d
+    assert (fraction >= lo - 1e-6).all() and (fraction <= hi + 1e-6).all()
+
+
+@settings(max_examples=15)
+@given(intensity=st.floats(0.01, 0.9), seed=st.integers(0, 2**31))
+def test_intensity_jitter_is_a_per_sample_affine_map(device, intensity, seed):
+    x = torch.randn(8, 2, 6, 6, device=device, dtype=torch.float64)
+    crops = MultiCrop(6, 6, 1, 1, high_scale=(1, 1), low_scale=(1, 1), flip=False, intensity=intensity)
+    (out,), _ = crops(x, torch.Generator().manual_seed(seed))
+    for b in range(x.shape[0]):  # least squares fit out = a·x + b, per sample
+        design = torch.stack([x[b].flatten(), torch.ones_like(x[b].flatten())], 1)
+        (a, off), = torch.linalg.lstsq(design, out[b].flatten()[:, None]).solution.T
+        assert torch.allclose(design @ torch.stack([a, off]), out[b].flatten(), atol=1e-10)
+        assert 1 - intensity - 1e-9 <= a <= 1 + intensity + 1e-9 and abs(off) <= intensity + 1e-9
+
+
+def test_device_matches_cpu_for_a_cpu_generator(device):
+    x = torch.randn(4, 3, 20, 20)
+    crops = MultiCrop(12, 6, 2, 3, high_scale=(0.3, 1), low_scale=(0.1, 0.3), intensity=0.2)
+    ref = crops(x, torch.Generator().manual_seed(5))
+    got = crops(x.to(device), torch.Generator().manual_seed(5))
+    for a, b in zip(ref[0] + ref[1], got[0] + got[1]):
+        assert b.device.type == device and torch.allclose(a, b.cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_float_dtypes_are_kept(device, dtype):
+    x = torch.rand(2, 1, 10, 10, device=device)
+    crops = MultiCrop(8, 4, 1, 2, high_scale=(0.5, 1), low_scale=(0.1, 0.5))
+    ref = crops(x, torch.Generator().manual_seed(0))
+    got = crops(x.to(dtype), torch.Generator().manual_seed(0))
+    for a, b in zip(ref[0] + ref[1], got[0] + got[1]):
+        assert b.dtype == dtype and torch.allclose(a, b.float(), atol=1e-2)
+
+
+def test_presets():
+    fair, fmcib = MultiCrop.fair_2d(), MultiCrop.fmcib_3d()
+    assert (fair.high_size, fair.low_size, fair.n_high, fair.n_low) == ((224,), (96,), 2, 6)
+    assert (fair.high_scale, fair.low_scale) == ((0.14, 1.0), (0.05, 0.14))
+    assert (fmcib.high_size, fmcib.low_size, fmcib.n_high, fmcib.n_low) == ((50,), (25,), 2, 6)
+    assert (fmcib.high_scale, fmcib.low_scale) == ((0.5, 1.0), (0.3, 0.5))
+    high, low = fmcib(torch.rand(2, 1, 30, 30, 30))
+    assert [c.shape for c in high] == [(2, 1, 50, 50, 50)] * 2 and [c.shape for c in low] == [(2, 1, 25, 25, 25)] * 6
+    assert MultiCrop.fair_2d(n_low=2).n_low == 2 and "high_scale=(0.14, 1.0)" in repr(fair)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(high_scale=(0.0, 1.0)), "high_scale"),
+    (dict(low_scale=(0.5, 0.2)), "low_scale"),
+    (dict(low_scale=(0.5, 1.5)), "low_scale"),
+    (dict(high_size=0), "high_size"),
+    (dict(low_size=(4, 4, 4, 4)), "low_size"),
+    (dict(n_high=0), "n_high"),
+    (dict(n_high=1, n_low=0), "at least 2 crops"),
+    (dict(n_low=-1), "n_low"),
+    (dict(intensity=-0.1), "intensity"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiCrop(**{**dict(high_size=8, low_size=4), **kwargs})
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.rand(3, 8, 8), r"\(B, C, H, W\)"),
+    (torch.rand(1, 1, 1, 4, 4, 4), r"\(B, C, D, H, W\)"),
+    (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "floating-point"),
+    (torch.rand(0, 1, 8, 8), "empty"),
+])
+def test_bad_inputs_raise(x, match):
+    with pytest.raises(ValueError, match=match):
+        MultiCrop(4, 2)(x)
+
+
+def test_size_with_wrong_number_of_dims_raises():
+    with pytest.raises(ValueError, match="3 dims but the input has 2"):
+        MultiCrop((4, 4, 4), 2)(torch.rand(1, 1, 8, 8))

@@ -1,0 +1,340 @@
+"""sinkhorn(): fp64 textbook and exact log-domain oracles, stability, symmetries, errors, distributed."""
+import math
+
+import pytest
+import torch
+from hypothesis import assume, example, given, settings
+from hypothesis import strategies as st
+
+from distributed_utils import run_distributed
+from strategies import score_matrices
+from swav_core import sinkhorn
+
+# ---- oracles, written from the textbook ---------------------------------------------------------
+
+
+def textbook_fp64(scores, iterations=3, epsilon=0.05):
+    """FAIR / lightly's routine in float64: Q = exp(S/ε)ᵀ (K, B) normalised, then per iteration each
+    prototype row to total 1/K and each sample column to 1/B; finally Q *= B, returned as (B, K)."""
+    Q = torch.exp(scores.detach().cpu().double() / epsilon).t()  # (K, B)
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(iterations):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    Q *= B
+    return Q.t()
+
+
+def exact_fp64(scores, iterations=3, epsilon=0.05):
+    """The same iteration in the log domain (no under- or overflow): exact Sinkhorn in float64."""
+    L = scores.detach().cpu().double() / epsilon  # (B, K)
+    for _ in range(iterations):
+        L = L - torch.logsumexp(L, dim=0, keepdim=True)  # prototypes: equal mass
+        L = L - torch.logsumexp(L, dim=1, keepdim=True)  # samples: each row sums to 1
+    return L.exp()
+
+
+def assert_matches_oracle(q, oracle, rtol=1e-4, fro=1e-5, atol=1e-20):
+    """SPEC §2: fp32 output within 1e-4 relative per element (entries below ``atol``, which float32
+    cannot resolve relative to the rows' mass, excepted) and 1e-5 relative in Frobenius norm."""
+    q = q.detach().cpu().double()
+    torch.testing.assert_close(q, oracle, rtol=rtol, atol=atol)
+    assert (q - oracle).norm() <= fro * oracle.norm()
+
+
+def cosine_scores(batch, prototypes, device, seed=0, dim=32):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(prototypes, dim, generator=g), dim=1)
+    return (z @ c.t()).to(device)  # (B, K) in [-1, 1], what SwAV's prototypes produce
+
+
+# ---- agreement with the textbook ----------------------------------------------------------------
+
+
+@settings(max_examples=40)
+@given(
+    scores=score_matrices(max_batch=32, max_prototypes=32, max_abs=4.0),
+    iterations=st.integers(1, 10),
+    epsilon=st.floats(0.02, 1.0),
+)
+def test_matches_textbook_fp64(device, scores, iterations, epsilon):
+    # Where exp(S/ε) stays far from float64's range the textbook is exact; beyond, it underflows to
+    # wrong zeros or NaN (see the exact-Sinkhorn test below for those inputs).
+    assume(scores.abs().max().item() / epsilon <= 300)
+    q = sinkhorn(scores.to(device), iterations, epsilon)
+    assert q.dtype == torch.float32 and q.shape == scores.shape and q.device.type == device
+    assert_matches_oracle(q, textbook_fp64(scores, iterations, epsilon))
+
+
+@pytest.mark.parametrize("batch, prototypes", [(4096, 3000), (1024, 3000), (300, 7)])
+def test_matches_textbook_fp64_large(device, batch, prototypes):
+    scores = cosine_scores(batch, prototypes, device, seed=batch)
+    assert_matches_oracle(sinkhorn(scores), textbook_fp64(scores))
+
+
+@settings(max_examples=30)
+@given(
+    scores=score_matrices(max_abs=32.0),
+    iterations=st.integers(1, 5),
+    epsilon=st.sampled_from([1e-3, 0.01, 0.05, 0.3]),
+)
+@example(scores=torch.tensor([[-18.5195, 3.0], [2.0, 1.0]]), iterations=1, epsilon=0.01)  # textbook: NaN
+def test_matches_exact_sinkhorn_where_textbook_underflows(device, scores, iterations, epsilon):
+    """|S|/ε up to 6e4: exp(S/ε) over- and underflows even in float64, yet the codes equal exact
+    Sinkhorn. Per element the fp32 rounding of the exponent, |x|·2⁻²⁴ with |x| ≤ 2·max|S|/ε, bounds
+    the relative error (≤ 1e-4 for |S|/ε ≤ 800)."""
+    q = sinkhorn(scores.to(device), iterations, epsilon)
+    exponent = 2 * scores.abs().max().item() / epsilon
+    rtol = 1e-5 + 4 * exponent * 2.0**-24
+    assert_matches_oracle(q, exact_fp64(scores, iterations, epsilon), rtol=rtol, fro=rtol)
+
+
+def test_iterations_zero_is_per_sample_softmax(device):
+    scores = cosine_scores(64, 50, device)
+    for eps in (1e-3, 0.05, 1.0):
+        expected = torch.softmax(scores.cpu().double() / eps, dim=1)
+        assert_matches_oracle(sinkhorn(scores, 0, eps), expected)
+
+
+SLOW_3X3 = torch.tensor([[0.3926, -0.0078, 0.3828], [-0.875, 0.5156, -0.3867], [0.8242, -0.4062, -0.582]])
+
+
+@settings(max_examples=20)
+@given(scores=score_matrices(max_batch=16, max_prototypes=16), epsilon=st.floats(0.1, 1.0))
+@example(scores=SLOW_3X3, epsilon=0.125)  # converges slowly: 2e-4 off after 300 iterations
+def test_prototype_marginals_approach_b_over_k(device, scores, epsilon):
+    """The prototype marginals (column sums; rows sum to 1) move monotonically towards B/K (in
+    float64, exactly; the ℓ1 violation of Sinkhorn never grows) and are at B/K in the limit."""
+    batch, prototypes = scores.shape
+    errors = []
+    for iterations in (1, 2, 3, 10, 30, 100, 300):
+        q = sinkhorn(scores.to(device, torch.float64), iterations, epsilon)
+        errors.append((q.sum(dim=0) - batch / prototypes).abs().sum().item() / batch)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < 0.5 * errors[0] or errors[0] < 1e-12
+
+
+def test_prototype_marginals_converge(device):
+    scores = cosine_scores(64, 50, device)
+    q = sinkhorn(scores, 200, 0.05)
+    torch.testing.assert_close(q.sum(dim=0), torch.full_like(q[0], 64 / 50), rtol=1e-5, atol=0)
+
+
+# ---- properties ---------------------------------------------------------------------------------
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@settings(max_examples=40)
+@given(
+    scores=score_matrices(max_abs=8.0),
+    dtype=st.sampled_from(DTYPES),
+    epsilon=st.floats(1e-3, 1.0),
+    iterations=st.integers(0, 6),
+    offset=st.sampled_from([0.0, 1e3, -6e4]),
+)
+def test_finite_rows_sum_to_one_nonnegative(device, scores, dtype, epsilon, iterations, offset):
+    """Every finite input in every dtype, ε ≥ 1e-3: finite, ≥ 0, rows sum to 1, float32 (or 64)."""
+    q = sinkhorn((scores + offset).to(device=device, dtype=dtype), iterations, epsilon)
+    assert q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(q).all() and (q >= 0).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones_like(q[:, 0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "eps0.01_score_above_0.887",  # lightly / FAIR: exp(88.7) overflows float32 → NaN
+        "fp16_batch16_eps0.05",  # lightly / FAIR in fp16: the sum of exp(S/ε) overflows → NaN
+        "far_prototype_eps1e-3",  # a prototype far from every sample: its column underflows → NaN
+        "far_sample_eps1e-3",  # the same for a sample: its row underflows
+        "extreme_fp32",  # differences of ±3e38 overflow unless halved first
+    ],
+)
+def test_finite_where_textbook_fails(device, case):
+    scores = cosine_scores(32, 20, device)
+    epsilon, dtype = 1e-3, torch.float32
+    if case == "eps0.01_score_above_0.887":
+        scores[0, 0], epsilon = 0.9, 0.01
+    elif case == "fp16_batch16_eps0.05":
+        scores, epsilon, dtype = scores.abs(), 0.05, torch.float16
+    elif case == "far_prototype_eps1e-3":
+        scores[:, 3] = -1.0
+    elif case == "far_sample_eps1e-3":
+        scores[5] = -1.0
+    else:
+        scores = scores.sign() * 3e38
+    scores = scores.to(dtype)
+    if case != "extreme_fp32":  # the case is real: the textbook in the input's precision fails
+        assert not torch.isfinite(textbook_native(scores, epsilon)).all()
+    q = sinkhorn(scores, 3, epsilon)
+    assert torch.isfinite(q).all() and (q >= 0).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones_like(q[:, 0]), rtol=0, atol=1e-5)
+    if case != "extreme_fp32":  # and the codes are the exact Sinkhorn ones
+        rtol = 1e-5 + 8 * scores.float().abs().max().item() / epsilon * 2.0**-24
+        assert_matches_oracle(q, exact_fp64(scores, 3, epsilon), rtol=rtol, fro=rtol)
+
+
+def textbook_native(scores, epsilon, iterations=3):
+    """The textbook in the input's own precision, as lightly and FAIR run it."""
+    Q = torch.exp(scores / epsilon).t()
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(iterations):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    return (Q * B).t()
+
+
+@settings(max_examples=30)
+@given(scores=score_matrices(max_abs=2.0), iterations=st.integers(0, 5), data=st.data())
+def test_equivariant_to_permutations(device, scores, iterations, data):
+    batch, prototypes = scores.shape
+    rows = torch.tensor(data.draw(st.permutations(range(batch))))
+    cols = torch.tensor(data.draw(st.permutations(range(prototypes))))
+    scores = scores.to(device)
+    q = sinkhorn(scores, iterations, 0.05)
+    permuted = sinkhorn(scores[rows][:, cols], iterations, 0.05)
+    torch.testing.assert_close(permuted, q[rows][:, cols], rtol=1e-4, atol=1e-20)
+
+
+@settings(max_examples=30)
+@given(
+    scores=score_matrices(max_abs=2.0),
+    iterations=st.integers(0, 5),
+    constant=st.integers(-100, 100),
+    data=st.data(),
+)
+def test_invariant_to_global_and_per_prototype_constants(device, scores, iterations, constant, data):
+    """Adding c to every score (and, for ≥ 1 iteration, a_k to prototype k) changes nothing. The grid
+    scores plus integers are exact in float32, and the shifts cancel exactly: the codes are equal."""
+    scores = scores.to(device)
+    q = sinkhorn(scores, iterations, 0.05)
+    assert torch.equal(sinkhorn(scores + constant, iterations, 0.05), q)
+    if iterations > 0:
+        a = data.draw(st.lists(st.integers(-50, 50), min_size=scores.shape[1], max_size=scores.shape[1]))
+        assert torch.equal(sinkhorn(scores + torch.tensor(a, device=device), iterations, 0.05), q)
+
+
+def test_no_gradient_and_input_untouched(device):
+    scores = cosine_scores(8, 5, device).requires_grad_()
+    before = scores.detach().clone()
+    q = sinkhorn(scores)
+    assert not q.requires_grad and q.grad_fn is None
+    assert torch.equal(scores.detach(), before)
+
+
+def test_autocast_computes_in_float32(device):
+    scores = cosine_scores(64, 30, device)
+    expected = sinkhorn(scores)
+    for dtype in [torch.bfloat16] + ([torch.float16] if device == "cuda" else []):
+        with torch.autocast(device_type=device, dtype=dtype):
+            q = sinkhorn(scores)
+            q_low = sinkhorn(scores.to(dtype))
+        assert q.dtype == torch.float32 and q_low.dtype == torch.float32
+        torch.testing.assert_close(q, expected, rtol=1e-6, atol=1e-9)  # no matvec in low precision
+        assert torch.isfinite(q_low).all()
+        assert_matches_oracle(q_low, textbook_fp64(scores.to(dtype)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(iterations=-1), "iterations"),
+        (dict(iterations=1.5), "iterations"),
+        (dict(iterations=True), "iterations"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-0.05), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(epsilon=float("inf")), "epsilon"),
+        (dict(epsilon="0.05"), "epsilon"),
+    ],
+)
+def test_bad_hyper_parameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sinkhorn(torch.randn(4, 3), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[[1.0, 2.0]], torch.randn(5), torch.randn(2, 3, 4), torch.empty(0, 3), torch.empty(3, 0),
+     torch.ones(3, 2, dtype=torch.long)],
+    ids=["list", "1d", "3d", "no-samples", "no-prototypes", "int"],
+)
+def test_bad_scores_raise(scores):
+    with pytest.raises(ValueError, match="probabilities"):
+        sinkhorn(scores)
+
+
+@pytest.mark.parametrize("iterations", [0, 3])
+@pytest.mark.parametrize("where", ["nan", "+inf", "-inf row", "-inf column"])
+def test_non_finite_scores_raise(device, iterations, where):
+    scores = cosine_scores(6, 4, device)
+    if where == "nan":
+        scores[2, 1] = float("nan")
+    elif where == "+inf":
+        scores[2, 1] = float("inf")
+    elif where == "-inf row":
+        scores[2] = float("-inf")
+    else:
+        scores[:, 1] = float("-inf")
+    if where == "-inf column" and iterations == 0:  # a softmax per sample: the prototype gets 0
+        q = sinkhorn(scores, iterations)
+        assert torch.isfinite(q).all() and (q[:, 1] == 0).all()
+        return
+    with pytest.raises(ValueError, match="probabilities must be finite"):
+        sinkhorn(scores, iterations)
+
+
+def test_isolated_minus_inf_means_never_assigned(device):
+    scores = cosine_scores(6, 4, device)
+    scores[2, 1] = float("-inf")
+    q = sinkhorn(scores)
+    assert q[2, 1] == 0 and torch.isfinite(q).all()
+    assert_matches_oracle(q, textbook_fp64(scores))
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_matches_eager(device):
+    """One small shape (compiling takes ~20 s on a CPU): no graph break, same codes as eager."""
+    compiled = torch.compile(sinkhorn, fullgraph=True)
+    scores = cosine_scores(24, 10, device)
+    torch.testing.assert_close(compiled(scores, 3, 0.05), sinkhorn(scores, 3, 0.05), rtol=1e-5, atol=1e-9)
+
+
+# ---- distributed: two gloo processes ------------------------------------------------------------
+
+
+SETTINGS = [(3, 0.05), (5, 0.01), (0, 0.05)]
+
+
+def _gathered_codes(rank, world_size, scores, sizes):
+    start = sum(sizes[:rank])
+    local = scores[start : start + sizes[rank]]  # this rank's batch
+    return [sinkhorn(local, t, eps, gather_distributed=True) for t, eps in SETTINGS]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [(7, 7), (3, 11)], ids=["equal", "unequal"])
+def test_gathered_equals_single_process_on_concatenation(sizes):
+    scores = cosine_scores(sum(sizes), 13, "cpu", seed=sum(sizes))
+    scores[:, 4] -= 1.5  # a prototype far from every sample, on both ranks
+    per_rank = run_distributed(_gathered_codes, 2, scores, sizes)
+    for j, (iterations, epsilon) in enumerate(SETTINGS):
+        gathered = torch.cat([codes[j] for codes in per_rank])
+        torch.testing.assert_close(gathered, sinkhorn(scores, iterations, epsilon), rtol=1e-5, atol=1e-12)
+        if iterations:
+            assert_matches_oracle(gathered, textbook_fp64(scores, iterations, epsilon))
+
+
+def test_gather_without_process_group_is_single_process(device):
+    scores = cosine_scores(9, 5, device)
+    assert torch.equal(sinkhorn(scores, gather_distributed=True), sinkhorn(scores))
