@@ -9,7 +9,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum_", "all_gather_cat"]
+__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum_", "all_reduce_max_", "all_gather_cat"]
 
 
 def is_distributed() -> bool:
@@ -27,11 +27,20 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def _all_reduce_(tensor: torch.Tensor, op) -> torch.Tensor:
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place and return it; unchanged without a group."""
-    if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce_(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all ranks, in place; unchanged without a group."""
+    return _all_reduce_(tensor, dist.ReduceOp.MAX)
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

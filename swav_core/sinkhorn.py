@@ -12,7 +12,6 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from . import distributed as D
 
@@ -90,56 +89,19 @@ def _sinkhorn(
     blocks = [b.detach() for b in blocks if b.shape[0] > 0]  # an empty queue adds nothing
     dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
     dtype = dtype if out is None else out.dtype
-    device, n_prototypes = blocks[0].device, blocks[0].shape[1]
-    n_rows = sum(b.shape[0] for b in blocks)
-    rows = n_rows if rows is None else rows
+    rows = sum(b.shape[0] for b in blocks) if rows is None else rows
     gather = gather_distributed and iterations > 0 and D.world_size() > 1
-    scale = 2.0 / epsilon  # the shifted scores are halved below, so that no difference overflows
-    floor = torch.finfo(dtype).tiny ** 0.8  # v ∈ [floor, 1] keeps u ≤ 1/floor and every sum finite
 
-    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-        if iterations > 0:
-            # Per-prototype maxima m_col (K,), exact in the input dtype, then the maximum over ranks.
-            col_max = blocks[0].amax(dim=0).to(dtype)
-            for b in blocks[1:]:
-                col_max = torch.maximum(col_max, b.amax(dim=0).to(dtype))
-            if gather:
-                dist.all_reduce(col_max, op=dist.ReduceOp.MAX)
-            shift = col_max.mul_(-0.5)
-        else:  # the per-sample softmax of S/ε must not be shifted per prototype
-            shift = torch.zeros(n_prototypes, dtype=dtype, device=device)
-
-        # (S − m_col)/2, exactly 0 at each column's maximum (0.5·S is exact); the one B × K buffer.
-        if out is None and len(blocks) == 1:
-            e = torch.add(shift, blocks[0], alpha=0.5)  # (B, K)
-        else:
-            e = blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype) if out is None else out
-            start = 0
-            for b in blocks:
-                torch.add(shift, b, alpha=0.5, out=e[start : start + b.shape[0]])
-                start += b.shape[0]
-        half_row_max = e.amax(dim=1)  # (B,) m_row/2 ≤ 0
+    with torch.no_grad(), torch.autocast(device_type=blocks[0].device.type, enabled=False):
+        scale = 2.0 / epsilon  # the scores are halved in _shifted_exp
+        e, half_row_max = _shifted_exp(blocks, scale, iterations > 0, gather, dtype, out)
         # NaN or +inf anywhere, or a sample or prototype without a finite score, shows up here.
         finite = torch.isfinite(half_row_max).all()
-        # E = exp((S − m_col − m_row)/ε) ∈ [0, 1], an exact 1 in every row and every column.
-        e.sub_(half_row_max[:, None]).mul_(scale).exp_()
-
         if iterations == 0:
-            v = None
-            r = e[:rows].sum(dim=1)  # (rows,) ≥ 1
+            v, r = None, e[:rows].sum(dim=1)  # (rows,) ≥ 1: a softmax per sample
         else:
-            # u₀ = exp(m_row/ε) makes Diag(u₀) E = exp((S − m_col)/ε): the textbook's start.
-            u = half_row_max.mul_(scale).exp_()  # (B,) in [0, 1], 1 where a column max lies
-            for t in range(iterations):
-                # Prototype step, "each prototype receives mass 1/K": v ∝ 1/(Eᵀu).
-                c = _prototype_mass(e, u)  # (K,) Eᵀu ≥ min u > 0 thanks to each column's 1
-                if gather:
-                    D.all_reduce_sum_(c)
-                v = torch.div(c.amin(), c).clamp_(min=floor)  # (K,) in [floor, 1], same on all ranks
-                # Sample step, "each sample receives mass 1/B": u ∝ 1/(E v).
-                if t < iterations - 1:
-                    u = _sample_mass(e, v).reciprocal_()  # (B,) in [1/K, 1/floor] thanks to each row's 1
-            r = _sample_mass(e[:rows], v)  # (rows,) E v ≥ floor
+            u = half_row_max.mul_(scale).exp_()  # (B,) u₀ = exp(m_row/ε) in [0, 1]
+            v, r = _scaling_vectors(e, u, iterations, gather, rows)
             if gather:  # a rank's NaN reaches every rank's v through the all-reduce
                 finite = finite & torch.isfinite(v).all()
         q = e[:rows]
@@ -155,6 +117,57 @@ def _sinkhorn(
             f"(got shapes {[tuple(b.shape) for b in blocks]})"
         )
     return q
+
+
+def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype, out):
+    """E = exp((S − m_col − m_row)/ε) in one (B, K) buffer, and m_row/2 (B,).
+
+    m_col (per-prototype maxima, global over ranks; skipped for the plain softmax) leaves the codes
+    unchanged; m_row (per-sample maxima of S − m_col) is compensated by u₀ = exp(m_row/ε), for
+    Diag(u₀) E = exp((S − m_col)/ε) is the textbook's start. Every row of E holds an exact 1, and so
+    does every column (at its maximum's row, where m_row = 0). Scores are halved before the
+    subtraction (exact) so that no difference of finite scores overflows; ``scale`` is 2/ε.
+    """
+    n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
+    if shift_prototypes:
+        col_max = blocks[0].amax(dim=0).to(dtype)  # (K,) exact in the input dtype
+        for b in blocks[1:]:
+            col_max = torch.maximum(col_max, b.amax(dim=0).to(dtype))
+        if gather:
+            D.all_reduce_max_(col_max)
+        shift = col_max.mul_(-0.5)
+    else:
+        shift = torch.zeros(n_prototypes, dtype=dtype, device=blocks[0].device)
+    if out is None and len(blocks) == 1:
+        e = torch.add(shift, blocks[0], alpha=0.5)  # (B, K) (S − m_col)/2, 0 at each column's max
+    else:
+        e = blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype) if out is None else out
+        start = 0
+        for b in blocks:
+            torch.add(shift, b, alpha=0.5, out=e[start : start + b.shape[0]])
+            start += b.shape[0]
+    half_row_max = e.amax(dim=1)  # (B,) m_row/2 ≤ 0
+    e.sub_(half_row_max[:, None]).mul_(scale).exp_()  # (B, K) in [0, 1]
+    return e, half_row_max
+
+
+def _scaling_vectors(e: torch.Tensor, u: torch.Tensor, iterations: int, gather: bool, rows: int):
+    """v (K,) and r = E v (rows,) after ``iterations`` prototype and sample steps from u₀ (B,).
+
+    v is rescaled to max 1 and clamped at tiny ** 0.8 (≈ 4.5e-31 in float32): with a 1 in every
+    row and column of E, r ≥ floor, u = 1/r ≤ 1/floor and c = Eᵀu ∈ [min u, B/floor] stay finite.
+    """
+    floor = torch.finfo(e.dtype).tiny ** 0.8
+    for t in range(iterations):
+        # Prototype step, "each prototype receives mass 1/K": v ∝ 1/(Eᵀu).
+        c = _prototype_mass(e, u)  # (K,) ≥ min u > 0 thanks to each column's 1
+        if gather:
+            D.all_reduce_sum_(c)
+        v = torch.div(c.amin(), c).clamp_(min=floor)  # (K,) in [floor, 1], the same on all ranks
+        # Sample step, "each sample receives mass 1/B": u ∝ 1/(E v); the last one is the output's.
+        if t < iterations - 1:
+            u = _sample_mass(e, v).reciprocal_()  # (B,) in [1/K, 1/floor] thanks to each row's 1
+    return v, _sample_mass(e[:rows], v)
 
 
 # CPU matrix-vector products as batched products over row blocks: MKL runs a matrix-vector product on

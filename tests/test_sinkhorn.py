@@ -136,9 +136,12 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     epsilon=st.floats(1e-3, 1.0),
     iterations=st.integers(0, 6),
     offset=st.sampled_from([0.0, 1e3, -6e4]),
+    magnitude=st.sampled_from([1.0, 1e4, 1e36]),
 )
-def test_finite_rows_sum_to_one_nonnegative(device, scores, dtype, epsilon, iterations, offset):
+def test_finite_rows_sum_to_one_nonnegative(device, scores, dtype, epsilon, iterations, offset, magnitude):
     """Every finite input in every dtype, ε ≥ 1e-3: finite, ≥ 0, rows sum to 1, float32 (or 64)."""
+    if dtype != torch.float16:  # float16 ends at 65504
+        scores = scores * magnitude
     q = sinkhorn((scores + offset).to(device=device, dtype=dtype), iterations, epsilon)
     assert q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.isfinite(q).all() and (q >= 0).all()
@@ -153,6 +156,7 @@ def test_finite_rows_sum_to_one_nonnegative(device, scores, dtype, epsilon, iter
         "far_prototype_eps1e-3",  # a prototype far from every sample: its column underflows → NaN
         "far_sample_eps1e-3",  # the same for a sample: its row underflows
         "extreme_fp32",  # differences of ±3e38 overflow unless halved first
+        "extreme_fp32_far_sample",  # and a sample 6e38 below every prototype's best
     ],
 )
 def test_finite_where_textbook_fails(device, case):
@@ -168,13 +172,16 @@ def test_finite_where_textbook_fails(device, case):
         scores[5] = -1.0
     else:
         scores = scores.sign() * 3e38
+        if case == "extreme_fp32_far_sample":
+            scores[5] = -3e38
     scores = scores.to(dtype)
-    if case != "extreme_fp32":  # the case is real: the textbook in the input's precision fails
+    extreme = case.startswith("extreme")
+    if not extreme:  # the case is real: the textbook in the input's precision fails
         assert not torch.isfinite(textbook_native(scores, epsilon)).all()
     q = sinkhorn(scores, 3, epsilon)
     assert torch.isfinite(q).all() and (q >= 0).all()
     torch.testing.assert_close(q.sum(dim=1), torch.ones_like(q[:, 0]), rtol=0, atol=1e-5)
-    if case != "extreme_fp32":  # and the codes are the exact Sinkhorn ones
+    if not extreme:  # and the codes are the exact Sinkhorn ones
         rtol = 1e-5 + 8 * scores.float().abs().max().item() / epsilon * 2.0**-24
         assert_matches_oracle(q, exact_fp64(scores, 3, epsilon), rtol=rtol, fro=rtol)
 
