@@ -24,12 +24,29 @@ RUN_ONLY = {"out", "steps", "stop_at", "resume", "device", "amp", "log_every", "
 
 
 def gather(obj: Any) -> List[Any]:
-    """Every rank's ``obj`` (a CPU state, picklable) in rank order; ``[obj]`` without a group."""
-    if D.world_size() == 1:
+    """Every rank's ``obj`` in rank order; ``[obj]`` without a group.
+
+    ``obj`` is a nest of dicts, lists and tuples of CPU tensors (a state_dict, RNG states) or None,
+    with the same structure and shapes on every rank. Gathered tensor by tensor: torch's
+    ``all_gather_object`` needs numpy, which the job does not require.
+    """
+    n = D.world_size()
+    if n == 1:
         return [obj]
-    out: List[Any] = [None] * D.world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    if isinstance(obj, dict):
+        parts = {k: gather(v) for k, v in sorted(obj.items())}
+        return [{k: parts[k][r] for k in obj} for r in range(n)]
+    if isinstance(obj, (list, tuple)):
+        parts = [gather(v) for v in obj]
+        return [type(obj)(p[r] for p in parts) for r in range(n)]
+    if obj is None:
+        return [None] * n
+    # NCCL gathers only CUDA tensors; gloo takes CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else obj.device
+    t = obj.to(device)
+    out = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(out, t.contiguous())
+    return [o.to(obj.device) for o in out]
 
 
 def rng_state() -> Dict[str, Any]:
