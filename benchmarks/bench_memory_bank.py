@@ -10,11 +10,14 @@ stored rows for scoring: ``features(ordered=False)`` (a view) against a clone of
     python benchmarks/bench_memory_bank.py [--device cuda] [--min-run-time 0.5]
 """
 import argparse
+import os
+import sys
 
 import torch
 from torch.utils.benchmark import Timer
 
-from swav_core import MemoryBankModule
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout
+from swav_core import MemoryBankModule  # noqa: E402
 
 B, D = 256, 128
 LENGTHS = (3840, 65536)

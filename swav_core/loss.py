@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sinkhorn import _check_hyper, _sinkhorn
+from .sinkhorn import _check_hyper, _is_compiling, _sinkhorn
 
 __all__ = ["SwaVLoss"]
 
@@ -62,6 +62,10 @@ class SwaVLoss(nn.Module):
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.sinkhorn_epsilon = float(sinkhorn_epsilon)
         self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
+        # Sinkhorn's (B + N, K) work buffer, kept between calls on the CPU: a fresh allocation of that
+        # size is a fresh mmap whose page faults cost a third of the whole Sinkhorn call. Scratch only
+        # (codes are copied out of it), so it is neither state nor a buffer.
+        self._work: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
         return (
@@ -103,9 +107,10 @@ class SwaVLoss(nn.Module):
         batch, n_prototypes = high[0].shape
         codes = high[0].new_empty((len(high), batch, n_prototypes), dtype=dtype)  # (n_high, B, K)
         work = None
-        if queue is not None:  # one (B + N, K) buffer for all crops: one fresh allocation per step
+        if queue is not None:  # one (B + N, K) buffer for all crops
             n_rows = batch + max(len(x) for x in queue)
-            work = high[0].new_empty((n_rows, n_prototypes), dtype=dtype)
+            work = self._work_buffer(n_rows * n_prototypes, high[0].device, dtype)
+            work = work[: n_rows * n_prototypes].view(n_rows, n_prototypes)
         for i, z in enumerate(high):
             name = f"high_resolution_outputs[{i}]"
             if queue is None:
@@ -115,6 +120,15 @@ class SwaVLoss(nn.Module):
                 q = _sinkhorn([z, queue[i]], *self._sinkhorn_args, out=out, rows=batch, name=name)
                 codes[i].copy_(q)
         return codes
+
+    def _work_buffer(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A flat scratch tensor of at least ``numel`` elements, reused between calls on the CPU."""
+        if device.type != "cpu" or _is_compiling():
+            return torch.empty(numel, device=device, dtype=dtype)
+        w = self._work
+        if w is None or w.numel() < numel or w.dtype != dtype:
+            w = self._work = torch.empty(numel, dtype=dtype)
+        return w
 
     @property
     def _sinkhorn_args(self) -> Tuple[int, float, bool]:

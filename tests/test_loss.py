@@ -67,6 +67,23 @@ def test_matches_per_pair_oracle(device, config, temperature, iterations, epsilo
     torch.testing.assert_close(loss.double().cpu(), torch.as_tensor(expected).double(), rtol=1e-5, atol=1e-6)
 
 
+def test_reused_work_buffer_keeps_each_call_independent(device):
+    """One SwaVLoss over calls with growing, shrinking and regrowing queues, then a single backward of
+    their sum (gradient accumulation) gives the same values and gradients as a fresh loss per call."""
+    shared, calls = SwaVLoss(), []
+    for seed, sizes in enumerate([[40, 40], [8, 12], [64, 50]]):
+        high, low, queue = make_crops(2, 2, 6, 11, sizes, seed, device)
+        for z in high + low:
+            z.requires_grad_(True)
+        calls.append((high + low, shared(high[:2], low, queue), SwaVLoss()(high[:2], low, queue)))
+    torch.stack([s for _, s, _ in calls]).sum().backward()
+    for crops, reused, fresh in calls:
+        assert torch.equal(reused, fresh)
+        grads = torch.autograd.grad(fresh, crops)
+        for z, g in zip(crops, grads):
+            assert torch.equal(z.grad, g)
+
+
 def test_iterations_zero_codes_are_the_softmax(device):
     high, low, _ = make_crops(2, 2, 6, 9, None, 3, device)
     softmax_codes = lambda i: torch.softmax(high[i].cpu().double() / 0.05, dim=1)  # noqa: E731
