@@ -14,18 +14,8 @@ from swav_core import sinkhorn
 
 
 def textbook_fp64(scores, iterations=3, epsilon=0.05):
-    """FAIR / lightly's routine in float64: Q = exp(S/ε)ᵀ (K, B) normalised, then per iteration each
-    prototype row to total 1/K and each sample column to 1/B; finally Q *= B, returned as (B, K)."""
-    Q = torch.exp(scores.detach().cpu().double() / epsilon).t()  # (K, B)
-    K, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(iterations):
-        Q /= Q.sum(dim=1, keepdim=True)
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
+    """FAIR / lightly's routine (see ``textbook_native``) evaluated in float64 on the CPU."""
+    return textbook_native(scores.detach().cpu().double(), epsilon, iterations)
 
 
 def exact_fp64(scores, iterations=3, epsilon=0.05):
@@ -187,7 +177,9 @@ def test_finite_where_textbook_fails(device, case):
 
 
 def textbook_native(scores, epsilon, iterations=3):
-    """The textbook in the input's own precision, as lightly and FAIR run it."""
+    """The textbook in the input's own precision, as lightly and FAIR run it: Q = exp(S/ε)ᵀ (K, B)
+    normalised, then per iteration each prototype row to total 1/K and each sample column to 1/B;
+    finally Q *= B, returned as (B, K)."""
     Q = torch.exp(scores / epsilon).t()
     K, B = Q.shape
     Q /= Q.sum()
