@@ -12,7 +12,7 @@ _NORM_EPS = 1e-12
 
 def _int_at_least(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive int" if low == 1 else "a non-negative int"
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return value
 
@@ -153,6 +153,8 @@ class SwaVPrototypes(nn.Module):
                 f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) while training"
             )
         try:
+            if isinstance(step, bool):
+                raise TypeError
             step = operator.index(step)
         except TypeError:
             raise ValueError(f"step must be an int, got {step!r}") from None

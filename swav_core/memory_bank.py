@@ -157,7 +157,9 @@ class MemoryBankModule(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "bank"] = self._bank if keep_vars else self._bank.detach()
+        # A snapshot: the counters below are copies, so the contents must be one too, or a state_dict
+        # kept while training goes on would pair newer rows with older counters.
+        destination[prefix + "bank"] = self._bank.clone()
         destination[prefix + "bank_ptr"] = torch.tensor(self._ptr)
         destination[prefix + "bank_filled"] = torch.tensor(self._filled)
 

@@ -13,16 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import SwaVProjectionHead, SwaVPrototypes
+from .heads import SwaVProjectionHead, SwaVPrototypes, _int_at_least
 from .memory_bank import MemoryBankModule
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class SwaV(nn.Module):
@@ -76,10 +70,10 @@ class SwaV(nn.Module):
         group_crops_by_resolution: bool = False,
     ):
         super().__init__()
-        _check_count("num_ftrs", num_ftrs, 2)
-        _check_count("n_queues", n_queues, 0)
-        _check_count("queue_length", queue_length, 0)
-        _check_count("start_queue_at_epoch", start_queue_at_epoch, 0)
+        _int_at_least("num_ftrs", num_ftrs, 2)
+        _int_at_least("n_queues", n_queues, 0)
+        _int_at_least("queue_length", queue_length, 0)
+        _int_at_least("start_queue_at_epoch", start_queue_at_epoch, 0)
         if n_queues > 0 and queue_length == 0:
             raise ValueError(f"n_queues={n_queues} needs queue_length > 0, got queue_length=0")
         self.backbone = backbone
@@ -127,6 +121,11 @@ class SwaV(nn.Module):
         high, low = list(input[0]), list(input[1])
         if not high and not low:
             raise ValueError("input holds no crops: both crop lists are empty")
+        for name, crops in (("high-resolution", high), ("low-resolution", low)):
+            for i, x in enumerate(crops):
+                if not isinstance(x, torch.Tensor) or x.ndim < 2:
+                    got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                    raise ValueError(f"{name} crop {i} must be a batch tensor (B, C, ...), got {got}")
         sizes = [x.shape[0] for x in high + low]
         if len(set(sizes)) > 1:
             raise ValueError(f"all crops of one forward must have the same batch size, got {sizes}")

@@ -35,9 +35,12 @@ class MultiCrop:
     draws (independently):
 
     - a scale :math:`s \sim U(lo, hi)`: the crop covers the fraction :math:`s` of the input's area
-      (2D) or volume (3D). The crop keeps the output's aspect (a square / cube for an int size, as
-      in fmcib's 3D crops); where that shape cannot reach the fraction inside a non-square input it
-      is clipped to the largest crop that fits;
+      (2D) or volume (3D), as torchvision's ``RandomResizedCrop`` in FAIR's recipe. The crop keeps the
+      output's aspect (a square / cube for an int size); where that shape cannot reach the fraction
+      inside a non-square input it is clipped to the largest crop that fits. With
+      ``scale_per_side=True`` the crop instead spans the fraction :math:`s` of every side of the input
+      (monai's ``RandScaleCrop``, which fmcib's 3D crops use: a (0.5, 1) scale there means half to all
+      of each side, i.e. an eighth to all of the volume);
     - a centre uniform over all positions that keep the crop inside the input;
     - with ``flip=True``, a flip along every spatial axis with probability 1/2 each;
     - with ``intensity > 0``, an affine jitter :math:`a x + b`, :math:`a \sim U(1 - i, 1 + i)`,
@@ -57,6 +60,8 @@ class MultiCrop:
         low_scale: (lo, hi) area/volume fraction of a low-resolution crop. Default: (0.05, 0.14)
         flip: random flips along every spatial axis. Default: True
         intensity: strength :math:`i` of the affine intensity jitter, 0 disables it. Default: 0.0
+        scale_per_side: the scales are fractions of each side rather than of the area / volume.
+            Default: False
 
     Shape:
         input: (B, C, H, W) or (B, C, D, H, W), floating point, any device.
@@ -84,6 +89,7 @@ class MultiCrop:
         low_scale: Sequence[float] = (0.05, 0.14),
         flip: bool = True,
         intensity: float = 0.0,
+        scale_per_side: bool = False,
     ):
         self.high_size = _check_size("high_size", high_size)
         self.low_size = _check_size("low_size", low_size)
@@ -100,6 +106,7 @@ class MultiCrop:
         self.low_scale = _check_scale("low_scale", low_scale)
         self.flip = bool(flip)
         self.intensity = float(intensity)
+        self.scale_per_side = bool(scale_per_side)
 
     @classmethod
     def fair_2d(cls, **kwargs) -> "MultiCrop":
@@ -109,14 +116,15 @@ class MultiCrop:
 
     @classmethod
     def fmcib_3d(cls, **kwargs) -> "MultiCrop":
-        """fmcib's CT recipe: 2 × 50³ (scale 0.5–1) + 6 × 25³ (scale 0.3–0.5)."""
-        return cls(**{**dict(high_size=50, low_size=25, n_high=2, n_low=6,
-                             high_scale=(0.5, 1.0), low_scale=(0.3, 0.5)), **kwargs})
+        """fmcib's CT recipe: 2 × 50³ (0.5–1 of each side) + 6 × 25³ (0.3–0.5 of each side)."""
+        return cls(**{**dict(high_size=50, low_size=25, n_high=2, n_low=6, high_scale=(0.5, 1.0),
+                             low_scale=(0.3, 0.5), scale_per_side=True), **kwargs})
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(high_size={self.high_size}, low_size={self.low_size}, "
                 f"n_high={self.n_high}, n_low={self.n_low}, high_scale={self.high_scale}, "
-                f"low_scale={self.low_scale}, flip={self.flip}, intensity={self.intensity})")
+                f"low_scale={self.low_scale}, flip={self.flip}, intensity={self.intensity}, "
+                f"scale_per_side={self.scale_per_side})")
 
     def __call__(
         self, x: torch.Tensor, generator: Optional[torch.Generator] = None
@@ -140,7 +148,7 @@ class MultiCrop:
         # All draws for one crop, in a fixed order, on the generator's device, then moved.
         gdev = generator.device if generator is not None else x.device
         u = torch.rand(B, 1 + d + d + 2, generator=generator, device=gdev, dtype=torch.float64).to(x.device)
-        s = scale[0] + (scale[1] - scale[0]) * u[:, 0]  # (B,) area / volume fraction
+        s = scale[0] + (scale[1] - scale[0]) * u[:, 0]  # (B,) area / volume (or side) fraction
         centre_u = u[:, 1 : 1 + d]  # (B, d) in [0, 1)
         flips = (u[:, 1 + d : 1 + 2 * d] < 0.5) & self.flip  # (B, d)
         a = 1.0 + self.intensity * (2.0 * u[:, -2] - 1.0)  # (B,) gain
@@ -149,7 +157,7 @@ class MultiCrop:
         if scale == (1.0, 1.0) and n_out == n_in:
             out = _flip_exact(x, flips)  # identity geometry: exact, no resampling
         else:
-            out = _resample(x, n_in, n_out, s, centre_u, flips)
+            out = _resample(x, n_in, n_out, s, centre_u, flips, self.scale_per_side)
         if self.intensity > 0:
             shape = (B,) + (1,) * (x.ndim - 1)
             out = out * a.to(out.dtype).view(shape) + b.to(out.dtype).view(shape)
@@ -174,7 +182,7 @@ def _flip_exact(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
 
 
 def _resample(x: torch.Tensor, n_in: Tuple[int, ...], n_out: Tuple[int, ...], s: torch.Tensor,
-              centre_u: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+              centre_u: torch.Tensor, flips: torch.Tensor, per_side: bool = False) -> torch.Tensor:
     """One ``grid_sample`` for the batch: per-sample diagonal affine maps output → input coordinates.
 
     In normalised coordinates ([-1, 1] spans the input axis) a crop of e_i pixels along axis i is the
@@ -183,10 +191,12 @@ def _resample(x: torch.Tensor, n_in: Tuple[int, ...], n_out: Tuple[int, ...], s:
     d = len(n_in)
     n_in_t = torch.tensor(n_in, dtype=torch.float64, device=x.device)
     n_out_t = torch.tensor(n_out, dtype=torch.float64, device=x.device)
-    # Crop extent e_i = k · n_out_i with Π e_i = s · Π n_i, clipped to fit: e_i ≤ n_i for every i.
-    k = (s * math.prod(n_in) / math.prod(n_out)) ** (1.0 / d)  # (B,)
-    k = torch.minimum(k, (n_in_t / n_out_t).min())
-    half = k[:, None] * n_out_t / n_in_t  # (B, d) crop half-extent in normalised units, ≤ 1
+    if per_side:  # crop extent e_i = s · n_i: the input's aspect, resized to the output's
+        half = s[:, None].expand(-1, d)  # (B, d) crop half-extent in normalised units, ≤ 1
+    else:  # e_i = k · n_out_i with Π e_i = s · Π n_i, clipped to fit: e_i ≤ n_i for every i
+        k = (s * math.prod(n_in) / math.prod(n_out)) ** (1.0 / d)  # (B,)
+        k = torch.minimum(k, (n_in_t / n_out_t).min())
+        half = k[:, None] * n_out_t / n_in_t  # (B, d)
     centre = (2.0 * centre_u - 1.0) * (1.0 - half)  # (B, d)
     scale = torch.where(flips, -half, half)  # (B, d)
     theta = torch.zeros(x.shape[0], d, d + 1, dtype=torch.float64, device=x.device)

@@ -91,6 +91,11 @@ def _sinkhorn(
     dtype = dtype if out is None else out.dtype
     rows = sum(b.shape[0] for b in blocks) if rows is None else rows
     gather = gather_distributed and iterations > 0 and D.world_size() > 1
+    if 2.0 / epsilon > torch.finfo(dtype).max:  # the scale 2/ε must be finite in the compute dtype
+        raise ValueError(
+            f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
+            f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}"
+        )
 
     with torch.no_grad(), torch.autocast(device_type=blocks[0].device.type, enabled=False):
         scale = 2.0 / epsilon  # the scores are halved in _shifted_exp
