@@ -1,7 +1,10 @@
 """Hypothesis builders shared by the test files. Every bound is keyword-only; append new builders below."""
 from hypothesis import strategies as st
 
-__all__ = ["push_sequences", "optimizer_configs", "prototype_configs"]
+__all__ = [
+    "push_sequences", "optimizer_configs", "prototype_configs",
+    "multicrop_configs", "score_matrices", "swav_crop_configs",
+]
 
 
 @st.composite

@@ -196,8 +196,8 @@ def test_frozen_prototypes_do_not_move(device, config, opt, extra_steps, crops, 
         if step < n:
             assert all(torch.equal(p, f) for p, f in zip(protos.parameters(), frozen))
             assert not any(p in optimizer.state for p in protos.parameters())
-        else:
-            assert not torch.equal(protos.heads[0].weight, before[0])
+        else:  # every head's weight (and bias) trains again
+            assert all(not torch.equal(p, b) for p, b in zip(protos.parameters(), before))
 
 
 def test_externally_frozen_prototypes_stay_frozen(device):

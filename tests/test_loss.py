@@ -1,4 +1,4 @@
-"""SwaVLoss: a per-pair fp64 oracle, ln K, gradients only through predictions, errors, distributed."""
+"""SwaVLoss: a per-pair fp64 oracle, ln K, gradients only through predictions, errors."""
 import math
 
 import pytest
@@ -7,44 +7,9 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from distributed_utils import run_distributed
+from oracles import make_crops, per_pair_oracle, textbook_fp64
 from strategies import swav_crop_configs
 from swav_core import SwaVLoss
-from test_sinkhorn import textbook_fp64
-
-# ---- the oracle: lightly's forward, one pair at a time, in float64 --------------------------------
-
-
-def per_pair_oracle(high, low, queue=None, temperature=0.1, iterations=3, epsilon=0.05, codes=None):
-    """ℓ = mean_i Σ_{v≠i} −mean_b Σ_k q_i log softmax(z_v/τ) / (n_crops − 1), with the codes of the
-    fp64 textbook on cat(z_i, queue_i) (or ``codes(i)``), log_softmax recomputed for every pair."""
-    crops = [z.detach().cpu().double() for z in high + low]
-    total = 0.0
-    for i in range(len(high)):
-        if codes is not None:
-            q = codes(i)
-        else:
-            scores = crops[i] if queue is None else torch.cat([crops[i], queue[i].detach().cpu().double()])
-            q = textbook_fp64(scores, iterations, epsilon)[: len(crops[i])]
-        subloss = 0.0
-        for v, z in enumerate(crops):
-            if v != i:
-                subloss += -(q * F.log_softmax(z / temperature, dim=1)).sum(dim=1).mean()
-        total += subloss / (len(crops) - 1)
-    return total / len(high)
-
-
-def make_crops(n_high, n_low, batch, prototypes, queue_sizes, seed, device, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-
-    def scores(n):  # cosine-like scores in [-1, 1]
-        return (torch.rand(n, prototypes, generator=g) * 2 - 1).to(device, dtype)
-
-    high = [scores(batch) for _ in range(n_high)]
-    low = [scores(batch) for _ in range(n_low)]
-    queue = None if queue_sizes is None else [scores(n) for n in queue_sizes]
-    return high, low, queue
-
 
 # ---- value -------------------------------------------------------------------------------------
 
@@ -237,47 +202,3 @@ def test_defaults_and_repr():
     assert (loss.temperature, loss.sinkhorn_iterations, loss.sinkhorn_epsilon) == (0.1, 3, 0.05)
     assert "temperature=0.1" in repr(loss) and "sinkhorn_epsilon=0.05" in repr(loss)
     assert list(loss.state_dict()) == []
-
-
-# ---- torch.compile -----------------------------------------------------------------------------
-
-
-def test_compile_matches_eager(device):
-    high, low, queue = make_crops(2, 2, 6, 8, [10, 10], 0, device)
-    high = [z.requires_grad_() for z in high]
-    eager = SwaVLoss()(high, low, queue)
-    eager_grads = torch.autograd.grad(eager, high)
-    compiled = torch.compile(SwaVLoss())(high, low, queue)
-    compiled_grads = torch.autograd.grad(compiled, high)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-
-
-# ---- distributed: two gloo processes -------------------------------------------------------------
-
-
-def _rank_loss(rank, world_size, high, low, queue, sizes):
-    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    local_queue = [x[rank * 4 : rank * 4 + 4] for x in queue]  # each rank has its own queue rows
-    loss_fn = SwaVLoss(sinkhorn_gather_distributed=True)
-    return loss_fn([z[rows] for z in high], [z[rows] for z in low], local_queue)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("sizes", [(5, 5), (2, 7)], ids=["equal", "unequal"])
-def test_gathered_codes_equal_single_process_codes(sizes):
-    """Each rank's loss uses its rows of the codes of all ranks' batches and queues concatenated."""
-    batch = sum(sizes)
-    high, low, queue = make_crops(2, 3, batch, 11, [8, 8], batch, "cpu")
-    losses = run_distributed(_rank_loss, 2, high, low, queue, sizes)
-    for rank, loss in enumerate(losses):
-        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-
-        def codes(i):  # single process: the textbook on every rank's (batch, queue) concatenated
-            parts = [high[i][:sizes[0]], queue[i][:4], high[i][sizes[0]:], queue[i][4:]]
-            q = textbook_fp64(torch.cat(parts))
-            return torch.cat([q[: sizes[0]], q[sizes[0] + 4 : batch + 4]])[rows]
-
-        expected = per_pair_oracle([z[rows] for z in high], [z[rows] for z in low], codes=codes)
-        torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)

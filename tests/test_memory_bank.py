@@ -117,6 +117,18 @@ def test_lightly_state_dict_loads_strict_and_empties_queue(device):
     assert net[1]._ptr == 0
 
 
+def test_state_dict_is_a_snapshot(device):
+    """A state_dict kept while pushes go on still restores the queue as it was when it was taken."""
+    bank = MemoryBankModule(size=2).to(device)
+    bank.push(torch.ones(2, 2, device=device))
+    state = bank.state_dict()
+    bank.push(2 * torch.ones(3, 2, device=device))
+    restored = MemoryBankModule(size=2).to(device)
+    restored.load_state_dict(state)
+    assert restored.num_filled == 2
+    assert torch.equal(restored.features(), torch.ones(2, 2, device=device))
+
+
 def test_state_dict_keys_and_errors(device):
     bank = MemoryBankModule(size=(4, 2)).to(device)
     bank.push(_rows(1, 5, 2, device))

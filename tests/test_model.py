@@ -1,46 +1,15 @@
-"""SwaV (fmcib's model): structure, queue timing against a deque oracle, checkpoints, fmcib keys, errors."""
+"""SwaV (fmcib's model): structure, queue timing against a deque oracle, errors."""
 import collections
-import io
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
-from swav_core import SwaV, SwaVLoss
-
-
-def backbone_2d(channels: int = 3, width: int = 8) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(channels, width, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-
-
-def backbone_3d(channels: int = 1, width: int = 8) -> nn.Module:
-    return nn.Sequential(nn.Conv3d(channels, width, 3), nn.ReLU(), nn.AdaptiveAvgPool3d(1))
-
-
-def crops_2d(batch, n_high=2, n_low=2, device="cpu", generator=None):
-    high = [torch.randn(batch, 3, 12, 12, generator=generator).to(device) for _ in range(n_high)]
-    low = [torch.randn(batch, 3, 6, 6, generator=generator).to(device) for _ in range(n_low)]
-    return high, low
-
-
-class Recorder:
-    """Records the unit-norm features z of every crop from the projection head's outputs."""
-
-    def __init__(self, model: SwaV):
-        self.z = []
-        model.projection_head.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.z.append(F.normalize(output.detach(), dim=1))
-
-
-def sorted_rows(x: torch.Tensor) -> torch.Tensor:
-    return x[torch.argsort(x[:, 0])]
+from models import Recorder, backbone_2d, backbone_3d, crops_2d, sorted_rows
+from swav_core import SwaV
 
 
 @pytest.mark.parametrize("n_prototypes", [7, [5, 9]])
@@ -144,90 +113,6 @@ def test_queue_scores_appear_exactly_when_prepush_queue_full(
             oracle[i].extend(recorder.z[i])  # this step's high-res features enter after scoring
 
 
-def _train(model, loss_fn, optimizer, steps, seed_offset, device):
-    losses = []
-    for t in steps:
-        g = torch.Generator().manual_seed(1000 + t + seed_offset)
-        high, low, queue = model(crops_2d(4, device=device, generator=g), epoch=0, step=t)
-        loss = loss_fn(high, low, queue)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
-
-
-def _fresh(device, seed=0):
-    torch.manual_seed(seed)
-    model = SwaV(backbone_2d(), 8, 4, 6, n_queues=2, queue_length=8, n_steps_frozen_prototypes=2).to(device)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-
-def test_checkpoint_resume_continues_identically(device):
-    loss_fn = SwaVLoss()
-    model, opt = _fresh(device)
-    uninterrupted = _train(model, loss_fn, opt, range(8), 0, device)
-
-    model, opt = _fresh(device)
-    first = _train(model, loss_fn, opt, range(4), 0, device)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
-    model, opt = _fresh(device, seed=123)  # different init: everything must come from the checkpoint
-    model.load_state_dict(checkpoint["model"])
-    opt.load_state_dict(checkpoint["optimizer"])
-    assert all(q.num_filled == 8 for q in model.queues)
-    resumed = _train(model, loss_fn, opt, range(4, 8), 0, device)
-    assert torch.equal(torch.cat([first, resumed]), uninterrupted)
-
-
-FMCIB_KEYS = {
-    "backbone.0.weight": (8, 3, 3, 3),
-    "backbone.0.bias": (8,),
-    "projection_head.layers.0.weight": (4, 8),
-    "projection_head.layers.1.weight": (4,),
-    "projection_head.layers.1.bias": (4,),
-    "projection_head.layers.1.running_mean": (4,),
-    "projection_head.layers.1.running_var": (4,),
-    "projection_head.layers.1.num_batches_tracked": (),
-    "projection_head.layers.3.weight": (5, 4),
-    "projection_head.layers.3.bias": (5,),
-    "prototypes.heads.0.weight": (6, 5),
-    "prototypes.heads.0.bias": (6,),
-}
-
-
-def test_fmcib_checkpoint_loads_strict_and_reproduces_outputs(device):
-    """A state_dict laid out as fmcib/lightly save it (no queue state) loads with strict=True."""
-    g = torch.Generator().manual_seed(7)
-    state = {k: torch.rand(shape, generator=g) + 0.5 for k, shape in FMCIB_KEYS.items()}
-    state["projection_head.layers.1.num_batches_tracked"] = torch.tensor(10)
-    model = SwaV(backbone_2d(), 8, 5, 6, n_queues=2, queue_length=4, prototype_bias=True).to(device)
-    model.load_state_dict(state, strict=True)
-    assert all(q.num_filled == 0 for q in model.queues)
-    model.eval()
-    x = torch.randn(3, 3, 12, 12, device=device)
-    out_high, _, queue = model(([x, x], []))
-    assert queue is None
-    # Independent oracle: the same computation written out from the raw tensors.
-    s = {k: v.to(device) for k, v in state.items()}
-    h = F.relu(F.conv2d(x, s["backbone.0.weight"], s["backbone.0.bias"])).mean(dim=(2, 3))
-    h = h @ s["projection_head.layers.0.weight"].T
-    h = (h - s["projection_head.layers.1.running_mean"]) / torch.sqrt(
-        s["projection_head.layers.1.running_var"] + 1e-5
-    ) * s["projection_head.layers.1.weight"] + s["projection_head.layers.1.bias"]
-    z = F.normalize(F.relu(h) @ s["projection_head.layers.3.weight"].T + s["projection_head.layers.3.bias"], dim=1)
-    c = F.normalize(s["prototypes.heads.0.weight"], dim=1)
-    torch.testing.assert_close(out_high[0], z @ c.T + s["prototypes.heads.0.bias"])
-    # Saving again adds the queue state, and the fmcib keys are all still there, unchanged.
-    saved = model.state_dict()
-    assert set(FMCIB_KEYS) <= set(saved)
-    assert set(saved) - set(FMCIB_KEYS) == {
-        f"queues.{i}.{k}" for i in range(2) for k in ("bank", "bank_ptr", "bank_filled")
-    }
-
-
 def test_default_has_no_prototype_bias():
     model = SwaV(backbone_2d(), 8, 4, 6, n_queues=0)
     assert "prototypes.heads.0.bias" not in model.state_dict()
@@ -246,9 +131,15 @@ def test_bad_input_raises_clear_errors(device):
     wrong = SwaV(backbone_2d(width=6), 8, 4, 6, n_queues=0).to(device)
     with pytest.raises(ValueError, match=r"flattens to 6 features.*num_ftrs=8"):
         wrong((high, low))
+    with pytest.raises(ValueError, match=r"high-resolution crop 1 must be a batch tensor.*list"):
+        model(([high[0], [high[1]]], low), epoch=1, step=0)
+    with pytest.raises(ValueError, match=r"low-resolution crop 0 must be a batch tensor.*shape \(2,\)"):
+        model((high, [torch.zeros(2, device=device)]), epoch=1, step=0)
     frozen = SwaV(backbone_2d(), 8, 4, 6, n_queues=0, n_steps_frozen_prototypes=3).to(device)
-    with pytest.raises(ValueError, match="step"):
+    with pytest.raises(ValueError, match=r"needs forward\(x, step=\.\.\.\) while training"):
         frozen((high, low))
+    with pytest.raises(ValueError, match="step must be an int, got True"):
+        frozen((high, low), step=True)
     frozen.eval()
     with torch.no_grad():
         frozen((high, low))  # evaluation never needs a step
@@ -256,6 +147,8 @@ def test_bad_input_raises_clear_errors(device):
         SwaV(backbone_2d(), 8, 4, 6, n_queues=2)
     with pytest.raises(ValueError, match="n_queues"):
         SwaV(backbone_2d(), 8, 4, 6, n_queues=-1)
+    with pytest.raises(ValueError, match=r"num_ftrs must be an int >= 2, got 8.0"):
+        SwaV(backbone_2d(), 8.0, 4, 6, n_queues=0)
 
 
 def test_import_changes_no_global_torch_setting():

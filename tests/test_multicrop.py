@@ -90,18 +90,21 @@ def _ramps(batch: int, n: int, d: int, device) -> torch.Tensor:
 
 @settings(max_examples=25)
 @given(d=st.sampled_from([2, 3]), n=st.integers(8, 20), lo=st.floats(0.05, 1.0), width=st.floats(0.0, 1.0),
-       flip=st.booleans(), seed=st.integers(0, 2**31))
-@example(d=2, n=8, lo=1.0, width=0.0, flip=True, seed=0)
-def test_crop_geometry_read_back_from_coordinate_ramps(device, d, n, lo, width, flip, seed):
+       flip=st.booleans(), per_side=st.booleans(), seed=st.integers(0, 2**31))
+@example(d=2, n=8, lo=1.0, width=0.0, flip=True, per_side=False, seed=0)
+@example(d=3, n=20, lo=0.5, width=1.0, flip=False, per_side=True, seed=1)  # fmcib's high-res scale
+def test_crop_geometry_read_back_from_coordinate_ramps(device, d, n, lo, width, flip, per_side, seed):
     """A linear image is resampled exactly, so each output channel tells where it was sampled:
-    the crop is a square/cube inside the input, covering an area/volume fraction within the scale
-    range, with a negative slope exactly on the flipped axes (and none without flip)."""
+    the crop is a square/cube inside the input, covering an area/volume fraction (or, with
+    ``scale_per_side``, a fraction of each side) within the scale range, with a negative slope
+    exactly on the flipped axes (and none without flip)."""
     hi = lo + (1 - lo) * width
-    n_out = min(n, math.floor(lo ** (1 / d) * n - 1e-9))  # crops ≥ n_out wide never reach the border clamp
+    side = lo if per_side else lo ** (1 / d)  # the smallest crop's side, as a fraction of n
+    n_out = min(n, math.floor(side * n - 1e-9))  # crops ≥ n_out wide never reach the border clamp
     assume(n_out >= 2)
     x = _ramps(16, n, d, device)
-    (out,), _ = MultiCrop(n_out, 2, n_high=1, n_low=1, high_scale=(lo, hi), flip=flip)(
-        x, torch.Generator().manual_seed(seed))
+    (out,), _ = MultiCrop(n_out, 2, n_high=1, n_low=1, high_scale=(lo, hi), flip=flip,
+                          scale_per_side=per_side)(x, torch.Generator().manual_seed(seed))
     extents, tol = [], 1e-6 * n
     for i in range(d):
         u = out[:, i].movedim(1 + i, -1).flatten(1, -2)  # (B, rest, n_out): values along axis i
@@ -117,7 +120,7 @@ def test_crop_geometry_read_back_from_coordinate_ramps(device, d, n, lo, width, 
         extents.append(e)
     e = torch.stack(extents, 1)  # (B, d)
     assert torch.allclose(e, e[:, :1].expand_as(e), atol=tol)  # square / cube
-    fraction = e.prod(1) / n**d
+    fraction = e[:, 0] / n if per_side else e.prod(1) / n**d
     assert (fraction >= lo - 1e-6).all() and (fraction <= hi + 1e-6).all()
 
 
@@ -159,6 +162,7 @@ def test_presets():
     assert (fair.high_scale, fair.low_scale) == ((0.14, 1.0), (0.05, 0.14))
     assert (fmcib.high_size, fmcib.low_size, fmcib.n_high, fmcib.n_low) == ((50,), (25,), 2, 6)
     assert (fmcib.high_scale, fmcib.low_scale) == ((0.5, 1.0), (0.3, 0.5))
+    assert fmcib.scale_per_side and not fair.scale_per_side  # monai's RandScaleCrop vs torchvision
     high, low = fmcib(torch.rand(2, 1, 30, 30, 30))
     assert [c.shape for c in high] == [(2, 1, 50, 50, 50)] * 2 and [c.shape for c in low] == [(2, 1, 25, 25, 25)] * 6
     assert MultiCrop.fair_2d(n_low=2).n_low == 2 and "high_scale=(0.14, 1.0)" in repr(fair)

@@ -1,46 +1,13 @@
-"""sinkhorn(): fp64 textbook and exact log-domain oracles, stability, symmetries, errors, distributed."""
-import math
+"""sinkhorn(): fp64 textbook and exact log-domain oracles, stability, symmetries."""
 
 import pytest
 import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from distributed_utils import run_distributed
+from oracles import assert_matches_oracle, cosine_scores, exact_fp64, textbook_fp64, textbook_native
 from strategies import score_matrices
 from swav_core import sinkhorn
-
-# ---- oracles, written from the textbook ---------------------------------------------------------
-
-
-def textbook_fp64(scores, iterations=3, epsilon=0.05):
-    """FAIR / lightly's routine (see ``textbook_native``) evaluated in float64 on the CPU."""
-    return textbook_native(scores.detach().cpu().double(), epsilon, iterations)
-
-
-def exact_fp64(scores, iterations=3, epsilon=0.05):
-    """The same iteration in the log domain (no under- or overflow): exact Sinkhorn in float64."""
-    L = scores.detach().cpu().double() / epsilon  # (B, K)
-    for _ in range(iterations):
-        L = L - torch.logsumexp(L, dim=0, keepdim=True)  # prototypes: equal mass
-        L = L - torch.logsumexp(L, dim=1, keepdim=True)  # samples: each row sums to 1
-    return L.exp()
-
-
-def assert_matches_oracle(q, oracle, rtol=1e-4, fro=1e-5, atol=1e-20):
-    """SPEC §2: fp32 output within 1e-4 relative per element (entries below ``atol``, which float32
-    cannot resolve relative to the rows' mass, excepted) and 1e-5 relative in Frobenius norm."""
-    q = q.detach().cpu().double()
-    torch.testing.assert_close(q, oracle, rtol=rtol, atol=atol)
-    assert (q - oracle).norm() <= fro * oracle.norm()
-
-
-def cosine_scores(batch, prototypes, device, seed=0, dim=32):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=1)
-    c = torch.nn.functional.normalize(torch.randn(prototypes, dim, generator=g), dim=1)
-    return (z @ c.t()).to(device)  # (B, K) in [-1, 1], what SwAV's prototypes produce
-
 
 # ---- agreement with the textbook ----------------------------------------------------------------
 
@@ -176,21 +143,6 @@ def test_finite_where_textbook_fails(device, case):
         assert_matches_oracle(q, exact_fp64(scores, 3, epsilon), rtol=rtol, fro=rtol)
 
 
-def textbook_native(scores, epsilon, iterations=3):
-    """The textbook in the input's own precision, as lightly and FAIR run it: Q = exp(S/ε)ᵀ (K, B)
-    normalised, then per iteration each prototype row to total 1/K and each sample column to 1/B;
-    finally Q *= B, returned as (B, K)."""
-    Q = torch.exp(scores / epsilon).t()
-    K, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(iterations):
-        Q /= Q.sum(dim=1, keepdim=True)
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)
-        Q /= B
-    return (Q * B).t()
-
-
 @settings(max_examples=30)
 @given(scores=score_matrices(max_abs=2.0), iterations=st.integers(0, 5), data=st.data())
 def test_equivariant_to_permutations(device, scores, iterations, data):
@@ -240,100 +192,3 @@ def test_autocast_computes_in_float32(device):
         torch.testing.assert_close(q, expected, rtol=1e-6, atol=1e-9)  # no matvec in low precision
         assert torch.isfinite(q_low).all()
         assert_matches_oracle(q_low, textbook_fp64(scores.to(dtype)))
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(iterations=-1), "iterations"),
-        (dict(iterations=1.5), "iterations"),
-        (dict(iterations=True), "iterations"),
-        (dict(epsilon=0.0), "epsilon"),
-        (dict(epsilon=-0.05), "epsilon"),
-        (dict(epsilon=float("nan")), "epsilon"),
-        (dict(epsilon=float("inf")), "epsilon"),
-        (dict(epsilon="0.05"), "epsilon"),
-    ],
-)
-def test_bad_hyper_parameters_raise(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        sinkhorn(torch.randn(4, 3), **kwargs)
-
-
-@pytest.mark.parametrize(
-    "scores",
-    [[[1.0, 2.0]], torch.randn(5), torch.randn(2, 3, 4), torch.empty(0, 3), torch.empty(3, 0),
-     torch.ones(3, 2, dtype=torch.long)],
-    ids=["list", "1d", "3d", "no-samples", "no-prototypes", "int"],
-)
-def test_bad_scores_raise(scores):
-    with pytest.raises(ValueError, match="probabilities"):
-        sinkhorn(scores)
-
-
-@pytest.mark.parametrize("iterations", [0, 3])
-@pytest.mark.parametrize("where", ["nan", "+inf", "-inf row", "-inf column"])
-def test_non_finite_scores_raise(device, iterations, where):
-    scores = cosine_scores(6, 4, device)
-    if where == "nan":
-        scores[2, 1] = float("nan")
-    elif where == "+inf":
-        scores[2, 1] = float("inf")
-    elif where == "-inf row":
-        scores[2] = float("-inf")
-    else:
-        scores[:, 1] = float("-inf")
-    if where == "-inf column" and iterations == 0:  # a softmax per sample: the prototype gets 0
-        q = sinkhorn(scores, iterations)
-        assert torch.isfinite(q).all() and (q[:, 1] == 0).all()
-        return
-    with pytest.raises(ValueError, match="probabilities must be finite"):
-        sinkhorn(scores, iterations)
-
-
-def test_isolated_minus_inf_means_never_assigned(device):
-    scores = cosine_scores(6, 4, device)
-    scores[2, 1] = float("-inf")
-    q = sinkhorn(scores)
-    assert q[2, 1] == 0 and torch.isfinite(q).all()
-    assert_matches_oracle(q, textbook_fp64(scores))
-
-
-# ---- torch.compile ------------------------------------------------------------------------------
-
-
-def test_compile_fullgraph_matches_eager(device):
-    """One small shape (compiling takes ~20 s on a CPU): no graph break, same codes as eager."""
-    compiled = torch.compile(sinkhorn, fullgraph=True)
-    scores = cosine_scores(24, 10, device)
-    torch.testing.assert_close(compiled(scores, 3, 0.05), sinkhorn(scores, 3, 0.05), rtol=1e-5, atol=1e-9)
-
-
-# ---- distributed: two gloo processes ------------------------------------------------------------
-
-
-SETTINGS = [(3, 0.05), (5, 0.01), (0, 0.05)]
-
-
-def _gathered_codes(rank, world_size, scores, sizes):
-    start = sum(sizes[:rank])
-    local = scores[start : start + sizes[rank]]  # this rank's batch
-    return [sinkhorn(local, t, eps, gather_distributed=True) for t, eps in SETTINGS]
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("sizes", [(7, 7), (3, 11)], ids=["equal", "unequal"])
-def test_gathered_equals_single_process_on_concatenation(sizes):
-    scores = cosine_scores(sum(sizes), 13, "cpu", seed=sum(sizes))
-    scores[:, 4] -= 1.5  # a prototype far from every sample, on both ranks
-    per_rank = run_distributed(_gathered_codes, 2, scores, sizes)
-    for j, (iterations, epsilon) in enumerate(SETTINGS):
-        gathered = torch.cat([codes[j] for codes in per_rank])
-        torch.testing.assert_close(gathered, sinkhorn(scores, iterations, epsilon), rtol=1e-5, atol=1e-12)
-        if iterations:
-            assert_matches_oracle(gathered, textbook_fp64(scores, iterations, epsilon))
-
-
-def test_gather_without_process_group_is_single_process(device):
-    scores = cosine_scores(9, 5, device)
-    assert torch.equal(sinkhorn(scores, gather_distributed=True), sinkhorn(scores))

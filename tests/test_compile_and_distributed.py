@@ -1,0 +1,85 @@
+"""sinkhorn() and SwaVLoss under torch.compile and across two gloo processes (gather_distributed),
+and the gather as a no-op without a process group. The spawned workers stay at module level here."""
+import pytest
+import torch
+
+from distributed_utils import run_distributed
+from oracles import assert_matches_oracle, cosine_scores, make_crops, per_pair_oracle, textbook_fp64
+from swav_core import SwaVLoss, sinkhorn
+
+# ---- torch.compile ------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_matches_eager(device):
+    """One small shape (compiling takes ~20 s on a CPU): no graph break, same codes as eager."""
+    compiled = torch.compile(sinkhorn, fullgraph=True)
+    scores = cosine_scores(24, 10, device)
+    torch.testing.assert_close(compiled(scores, 3, 0.05), sinkhorn(scores, 3, 0.05), rtol=1e-5, atol=1e-9)
+
+
+def test_compile_matches_eager(device):
+    high, low, queue = make_crops(2, 2, 6, 8, [10, 10], 0, device)
+    high = [z.requires_grad_() for z in high]
+    eager = SwaVLoss()(high, low, queue)
+    eager_grads = torch.autograd.grad(eager, high)
+    compiled = torch.compile(SwaVLoss())(high, low, queue)
+    compiled_grads = torch.autograd.grad(compiled, high)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# ---- distributed: two gloo processes ------------------------------------------------------------
+
+
+SETTINGS = [(3, 0.05), (5, 0.01), (0, 0.05)]
+
+
+def _gathered_codes(rank, world_size, scores, sizes):
+    start = sum(sizes[:rank])
+    local = scores[start : start + sizes[rank]]  # this rank's batch
+    return [sinkhorn(local, t, eps, gather_distributed=True) for t, eps in SETTINGS]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [(7, 7), (3, 11)], ids=["equal", "unequal"])
+def test_gathered_equals_single_process_on_concatenation(sizes):
+    scores = cosine_scores(sum(sizes), 13, "cpu", seed=sum(sizes))
+    scores[:, 4] -= 1.5  # a prototype far from every sample, on both ranks
+    per_rank = run_distributed(_gathered_codes, 2, scores, sizes)
+    for j, (iterations, epsilon) in enumerate(SETTINGS):
+        gathered = torch.cat([codes[j] for codes in per_rank])
+        torch.testing.assert_close(gathered, sinkhorn(scores, iterations, epsilon), rtol=1e-5, atol=1e-12)
+        if iterations:
+            assert_matches_oracle(gathered, textbook_fp64(scores, iterations, epsilon))
+
+
+def test_gather_without_process_group_is_single_process(device):
+    scores = cosine_scores(9, 5, device)
+    assert torch.equal(sinkhorn(scores, gather_distributed=True), sinkhorn(scores))
+
+
+def _rank_loss(rank, world_size, high, low, queue, sizes):
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    local_queue = [x[rank * 4 : rank * 4 + 4] for x in queue]  # each rank has its own queue rows
+    loss_fn = SwaVLoss(sinkhorn_gather_distributed=True)
+    return loss_fn([z[rows] for z in high], [z[rows] for z in low], local_queue)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [(5, 5), (2, 7)], ids=["equal", "unequal"])
+def test_gathered_codes_equal_single_process_codes(sizes):
+    """Each rank's loss uses its rows of the codes of all ranks' batches and queues concatenated."""
+    batch = sum(sizes)
+    high, low, queue = make_crops(2, 3, batch, 11, [8, 8], batch, "cpu")
+    losses = run_distributed(_rank_loss, 2, high, low, queue, sizes)
+    for rank, loss in enumerate(losses):
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+        def codes(i):  # single process: the textbook on every rank's (batch, queue) concatenated
+            parts = [high[i][:sizes[0]], queue[i][:4], high[i][sizes[0]:], queue[i][4:]]
+            q = textbook_fp64(torch.cat(parts))
+            return torch.cat([q[: sizes[0]], q[sizes[0] + 4 : batch + 4]])[rows]
+
+        expected = per_pair_oracle([z[rows] for z in high], [z[rows] for z in low], codes=codes)
+        torch.testing.assert_close(loss.double(), expected.double(), rtol=1e-5, atol=1e-6)
