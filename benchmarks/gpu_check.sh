@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One device session: the whole test suite on CUDA (every `device` test runs on cpu and cuda), then the
-# GPU benchmarks. Run from the repo root on a machine with a GPU; logs go to $OUT (or benchmarks/results).
+# One device session: the Sinkhorn/loss GPU benchmarks, the whole test suite (every `device` test
+# runs on cpu and cuda), then the other GPU benchmarks. Run from the repo root on a machine with a
+# GPU; logs go to $OUT (default benchmarks/results). Each step has its own time limit.
 set -u
 OUT=${OUT:-benchmarks/results}
 export PYTHONUNBUFFERED=1 PYTHONPATH=. CI=true
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_env.log"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu_env.log"
-timeout 330 python -m pytest -q -x -p no:cacheprovider tests -k "not distributed and not pretrain_torchrun" 2>&1 | tee "$OUT/gpu_tests.log"
-for b in bench_sinkhorn bench_loss bench_memory_bank bench_step; do
-  [ -f "benchmarks/$b.py" ] && timeout 120 python "benchmarks/$b.py" --device cuda 2>&1 | tee "$OUT/gpu_$b.log"
-done
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee "$OUT/gpu_env.log"
+timeout 60 python benchmarks/bench_sinkhorn.py --device cuda --min-run-time 1 --profile 2>&1 | tee "$OUT/gpu_bench_sinkhorn.log"
+timeout 60 python benchmarks/bench_loss.py --device cuda --min-run-time 1 2>&1 | tee "$OUT/gpu_bench_loss.log"
+timeout 220 python -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 30 python benchmarks/bench_memory_bank.py --device cuda 2>&1 | tee "$OUT/gpu_bench_memory_bank.log"
+timeout 60 python benchmarks/bench_step.py --device cuda --min-run-time 0.5 2>&1 | tee "$OUT/gpu_bench_step.log"
