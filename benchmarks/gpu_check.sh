@@ -10,6 +10,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=. CI=true
 } 2>&1 | tee "$OUT/gpu_env.log"
 timeout 60 python benchmarks/bench_sinkhorn.py --device cuda --min-run-time 1 --profile 2>&1 | tee "$OUT/gpu_bench_sinkhorn.log"
 timeout 60 python benchmarks/bench_loss.py --device cuda --min-run-time 1 2>&1 | tee "$OUT/gpu_bench_loss.log"
-timeout 220 python -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 300 python -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 30 python benchmarks/bench_memory_bank.py --device cuda 2>&1 | tee "$OUT/gpu_bench_memory_bank.log"
 timeout 60 python benchmarks/bench_step.py --device cuda --min-run-time 0.5 2>&1 | tee "$OUT/gpu_bench_step.log"
