@@ -7,6 +7,8 @@
 - ``optimizer``: the AdamW state_dict; ``step``: optimisation steps completed;
 - ``rng``: the torch CPU (and CUDA) generator states of every rank. The data order and the crops
   are pure functions of (seed, step, rank), so ``step`` is their whole state;
+- ``loss_window_per_rank``: each rank's losses since the last log row, so that a resumed run logs
+  the same rows as an uninterrupted one;
 - ``config``, ``world_size``, ``loss_first``, ``seconds`` (training time so far).
 """
 import os

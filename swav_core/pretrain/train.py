@@ -129,7 +129,8 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
     progress.window_start = time.perf_counter()
     for step in range(progress.step, end):
         _train_step(args, step, data, crops, net, loss_fn, optimizer, device, progress)
-        if progress.step % args.log_every == 0 or progress.step == end:
+        # Not at --stop-at: a stopped and resumed run logs the same rows as an uninterrupted one.
+        if progress.step % args.log_every == 0 or progress.step == args.steps:
             _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
         interrupted = stop.requested_anywhere(device)
         if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
@@ -153,7 +154,8 @@ def _resume(args, config, path: str, model, optimizer) -> _Progress:
     optimizer.load_state_dict(ckpt["optimizer"])
     checkpoint.set_rng_state(ckpt["rng"][D.rank()])
     _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
-    return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"])
+    window = ckpt["loss_window_per_rank"][D.rank()].tolist()  # so the next log row averages the same steps
+    return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], window)
 
 
 def _train_step(args, step: int, data: Data, crops: MultiCrop, net, loss_fn, optimizer, device, progress) -> None:
@@ -196,10 +198,12 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
 def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
     """Every rank's state is gathered (its own queues), rank 0 writes, all wait for the file."""
     states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
+    windows = checkpoint.gather(torch.tensor(progress.window, dtype=torch.float64))  # unlogged losses
     if D.rank() == 0:
         checkpoint.save(path, {
             "model": states[0], "model_per_rank": states, "optimizer": optimizer.state_dict(),
-            "step": progress.step, "rng": rngs, "config": config, "world_size": D.world_size(),
+            "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
+            "config": config, "world_size": D.world_size(),
             "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
             "torch": torch.__version__,
         })
