@@ -30,7 +30,8 @@ def sinkhorn(
     mass 1/K and then every sample to 1/B; the returned rows (one per sample) sum to 1. Equal, up to
     float32 rounding, to the textbook FAIR / lightly routine evaluated in float64 wherever that stays
     exact, and to exact (log-domain) Sinkhorn beyond, where the textbook under- or overflows. Finite
-    for every finite input (−∞ allowed, see Raises) and every ε > 0.
+    for every finite input (−∞ allowed, see Raises) and every ε > 0 with 2/ε finite in the compute
+    dtype (ε ≳ 6e-39 in float32).
 
     Implementation: E = exp((S − m_col − m_row)/ε) is materialised once in the output buffer, where
     m_col are the per-prototype maxima (a per-prototype constant leaves the result unchanged) and
@@ -59,7 +60,8 @@ def sinkhorn(
     Raises:
         ValueError: ``probabilities`` not a non-empty 2-D floating tensor, NaN or +∞ scores (or a
             sample or prototype with only −∞ scores), ``iterations`` not an int ≥ 0, ``epsilon``
-            not a finite number > 0. The value check is skipped while ``torch.compile`` traces.
+            not a finite number > 0 or so small that 2/ε overflows. The check of the scores is
+            skipped while ``torch.compile`` traces.
 
     Example::
 
