@@ -7,6 +7,8 @@ version (B×K passes counted from the code, 4 bytes per element) as GB/s and as 
 measured device copy bandwidth. ``--profile`` adds GPU kernel time and launches per call.
 """
 import argparse
+import contextlib
+import importlib
 import os
 import sys
 
@@ -14,7 +16,7 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and swav_core from a plain checkout
-from common import copy_bandwidth_gbs, interleaved_median_ms, markdown_table  # noqa: E402
+from common import copy_bandwidth_gbs, interleaved_median_ms, markdown_table, median_ms  # noqa: E402
 
 from swav_core import sinkhorn  # noqa: E402
 
@@ -38,9 +40,25 @@ def passes(iterations: int):
     """B×K read-or-write passes of each version (one unit: one read or one write of the matrix)."""
     # /ε, exp, sum, /=; per iteration 2 sums and 4 rescales; *= B
     textbook = 2 + 2 + 1 + 2 + iterations * 10 + 2
-    # column max, shift, row max, -= row max, *= 2/ε, exp; 2 matvecs per iteration; *= v, /= r
-    ours = 1 + 2 + 1 + 2 + 2 + 2 + 2 * iterations + 2 + 2
-    return textbook, ours
+    # stable: column max, shift, row max, -= row max, *= 2/ε, exp; 2 matvecs per iteration; *= v, /= r
+    stable = 1 + 2 + 1 + 2 + 2 + 2 + 2 * iterations + 2 + 2
+    # fast: S/ε, softmax over samples, row sums; 2 matvecs per further iteration, the last one
+    # replaced by *= v and a row sum; /= r
+    fast = 2 + 2 + 1 + max(2 * iterations - 3, 0) + (3 if iterations > 1 else 0) + 2
+    return textbook, stable, fast
+
+
+@contextlib.contextmanager
+def forced_path(path: str):
+    """Run sinkhorn with its default device dispatch ("auto"), or force "fast" or "stable"."""
+    module = importlib.import_module("swav_core.sinkhorn")
+    saved = module._FAST_PATH
+    if path != "auto":
+        module._FAST_PATH = {"cpu": path == "fast", "cuda": path == "fast"}
+    try:
+        yield
+    finally:
+        module._FAST_PATH = saved
 
 
 def cosine_scores(batch: int, prototypes: int, device: str) -> torch.Tensor:
@@ -51,7 +69,8 @@ def cosine_scores(batch: int, prototypes: int, device: str) -> torch.Tensor:
 
 
 def profile(fn, scores, iterations, name, calls=10):
-    """GPU kernel time and kernel launches of one call."""
+    """GPU kernel time, kernel launches and the kernels of one call."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -61,9 +80,37 @@ def profile(fn, scores, iterations, name, calls=10):
             fn(scores, iterations)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernel_us = sum(e.self_device_time_total for e in events) / calls
-    launches = sum(e.count for e in events if e.key == "cudaLaunchKernel") / calls
-    return f"{name}: {kernel_us:.0f} us of GPU kernels, {launches:.0f} launches per call (B = {len(scores)})"
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in kernels) / calls
+    launches = sum(e.count for e in kernels) / calls
+    lines = [f"{name}: {kernel_us:.0f} us of GPU kernels, {launches:.0f} kernels per call (B = {len(scores)})"]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+        lines.append(f"    {e.self_device_time_total / calls:7.1f} us  {e.count / calls:4.1f}x  {e.key[:90]}")
+    return "\n".join(lines)
+
+
+def op_costs(B: int, K: int, dev: str, min_run_time: float):
+    """Median µs of the single B × K operations the versions are built from."""
+    s = cosine_scores(B, K, dev)
+    x, p = torch.empty_like(s), torch.empty_like(s)
+    u, v = torch.rand(B, device=dev) + 0.5, torch.rand(K, device=dev) + 0.5
+    ops = {
+        "copy": lambda: x.copy_(s),
+        "x = S * (1/eps)": lambda: torch.mul(s, 20.0, out=x),
+        "softmax over samples (dim 0)": lambda: torch.softmax(x, 0, out=p),
+        "softmax over prototypes (dim 1)": lambda: torch.softmax(x, 1, out=p),
+        "exp_": lambda: p.exp_(),
+        "amax dim 0": lambda: x.amax(0),
+        "amax dim 1": lambda: x.amax(1),
+        "sum dim 1": lambda: p.sum(1),
+        "mv(P, v)": lambda: torch.mv(p, v),
+        "mv(P.t(), u)": lambda: torch.mv(p.t(), u),
+        "P *= v": lambda: p.mul_(v),
+        "P /= r[:, None]": lambda: p.div_(u[:, None]),
+    }
+    torch.softmax(torch.mul(s, 20.0, out=x), 0, out=p)
+    rows = [{"op": k, "µs": 1e3 * median_ms(f, dev, min_run_time)} for k, f in ops.items()]
+    return markdown_table(rows)
 
 
 def main():
@@ -78,31 +125,51 @@ def main():
     args = parser.parse_args()
     dev, K, T = args.device, args.prototypes, args.iterations
     copy_gbs = copy_bandwidth_gbs(dev)
-    n_textbook, n_ours = passes(T)
+    n_textbook, n_stable, n_fast = passes(T)
+    cuda = dev.startswith("cuda")
+    n_ours = n_fast if cuda else n_stable  # the path sinkhorn() takes by default on this device
     rows = []
     for B in [int(b) for b in args.sizes.split(",")]:
         scores = cosine_scores(B, K, dev)
-        candidates = [lambda: textbook_sinkhorn(scores, T), lambda: sinkhorn(scores, T)]
-        t_text, t_ours = interleaved_median_ms(candidates, dev, args.rounds, args.min_run_time)
+
+        def ours(path):
+            def run():
+                with forced_path(path):
+                    return sinkhorn(scores, T)
+            return run
+
+        candidates = [lambda: textbook_sinkhorn(scores, T), ours("auto"), ours("stable" if cuda else "fast")]
+        t_text, t_ours, t_other = interleaved_median_ms(candidates, dev, args.rounds, args.min_run_time)
         gb = B * K * 4 / 1e9  # one pass over the matrix
         rows.append({
             "B × K": f"{B} × {K}",
             "textbook ms": t_text,
             "ours ms": t_ours,
             "speed-up": t_text / t_ours,
+            ("stable path ms" if cuda else "fast path ms"): t_other,
             "textbook GB/s": n_textbook * gb / (t_text * 1e-3),
             "ours GB/s": n_ours * gb / (t_ours * 1e-3),
             "ours / copy bw": f"{n_ours * gb / (t_ours * 1e-3) / copy_gbs:.0%}",
         })
-    cuda = dev.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"Sinkhorn, {T} iterations, fp32, {name}, torch {torch.__version__}; copy bandwidth "
-          f"{copy_gbs:.0f} GB/s; traffic per call: textbook {n_textbook}, ours {n_ours} B×K passes "
-          f"(the minimum, read S + write Q, is 2)\n")
+          f"{copy_gbs:.0f} GB/s; ours = sinkhorn() as dispatched, the {'fast' if cuda else 'stable'} "
+          f"path here; traffic per call: textbook {n_textbook}, stable path {n_stable}, fast path "
+          f"{n_fast} B×K passes (the minimum, read S + write Q, is 2)\n")
     print(markdown_table(rows))
     if args.profile and cuda:
-        for name, fn in [("textbook", textbook_sinkhorn), ("ours", sinkhorn)]:
+        B = int(args.sizes.split(",")[-1])
+        print(f"\nSingle operations at {B} × {K}:\n")
+        print(op_costs(B, K, dev, 0.2))
+        print()
+        for name, path in [("textbook", None), ("ours, fast path", "fast"), ("ours, stable path", "stable")]:
+            fn = textbook_sinkhorn if path is None else (lambda s, t, path=path: _forced(path, s, t))
             print(profile(fn, scores, T, name))
+
+
+def _forced(path, scores, iterations):
+    with forced_path(path):
+        return sinkhorn(scores, iterations)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from oracles import make_crops, per_pair_oracle, textbook_fp64
 from strategies import swav_crop_configs
 from swav_core import SwaVLoss
 
+pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
+
 # ---- value -------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ from oracles import assert_matches_oracle, cosine_scores, exact_fp64, textbook_f
 from strategies import score_matrices
 from swav_core import sinkhorn
 
+pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
+
 # ---- agreement with the textbook ----------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ import torch
 from oracles import assert_matches_oracle, cosine_scores, textbook_fp64
 from swav_core import sinkhorn
 
+pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
+
 
 @pytest.mark.parametrize(
     "kwargs, match",
