@@ -111,56 +111,60 @@ def _sinkhorn(
         fast = _FAST_PATH.get(device_type, True)
         if fast and iterations > 0 and not gather and not _is_compiling():
             q, accurate = _fast_codes(blocks, iterations, epsilon, dtype, rows, out, scratch)
-            if bool(accurate):  # the one host sync of the fast path
+            if accurate is not None and bool(accurate):  # the one host sync of the fast path
                 return q
         return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, name)
 
 
-# Where the fast path is tried: on GPUs, where the cost is passes over B × K, it makes fewer (13
-# instead of 20 for 3 iterations); on the CPU, where exp and fresh pages dominate, the stable path is
-# faster (benchmarks/results/cpu.log). Tests force either path on every device.
+# Where the fast path is tried: on GPUs, where the cost is passes over B × K, it makes fewer (11
+# instead of 20 for 3 iterations, and 23 instead of 35 kernels); on the CPU, where exp and fresh pages
+# dominate, the stable path is faster (benchmarks/results/cpu.log). Tests force either path everywhere.
 _FAST_PATH = {"cpu": False}
 
-# The fast path is kept when every sample step's masses r = P v (v scaled to max 1) are ≥ 2⁻³⁶: an
-# entry of P lost to underflow (absolute error ≤ 2⁻¹²⁶, flushed denormals included) then moves the
-# codes Q = Diag(1/r) P Diag(v) by at most 2⁻⁹⁰ ≈ 8e-28 absolutely.
-_FAST_MIN_MASS = 2.0**-36
+# The fast path keeps its codes when every mass it divides by (c = Eᵀu and r = E v with u and v scaled
+# to max 1) is ≥ 2⁻⁷⁸ and the last v is > 0: entries of E lost to underflow (each < 2⁻¹²⁶, flushed
+# denormals included) then change no mass by more than 2⁻³⁰ relatively (n ≤ 2¹⁸ terms).
+_FAST_MIN_MASS = 2.0**-78
 
 
 def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, scratch):
-    """Codes from P = softmax(S/ε) over samples, and whether underflow left them exact.
+    """Codes from E = exp(S/ε) without shifts, and whether under- or overflow left them exact.
 
-    P is the textbook's first prototype step computed stably (each column of exp(S/ε) divided by
-    its sum, the column maximum subtracted inside ``softmax``); then Q = Diag(u) P Diag(v) with
-    u ← 1/(P v) and v ← 1/(Pᵀu), one matrix-vector product per half-iteration, and
-    Q = Diag(1/(P v)) P Diag(v). Fewer passes over B × K than :func:`_stable_codes` (no maxima, no
-    separate exp), but a sample far from every prototype makes its row of P underflow: the second
-    result, a 0-dim bool tensor, is False then (and for NaN or ±∞ anywhere), so that the caller
-    falls back to the stable path.
+    E = (e^{1/ε})^S in one pass; u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each prototype receives mass
+    1/K") and u ∝ 1/(E v) ("each sample 1/B"), one matrix-vector product each, the vectors scaled to
+    max 1. The last sample step is exact in the log domain: Q = Diag(1/(E v)) E Diag(v) =
+    softmax(S/ε + log v) per row. Far fewer passes over B × K than :func:`_stable_codes`, but
+    exp(S/ε) must stay inside the dtype's range (|S|/ε ≲ 80 in float32): the second result, a 0-dim
+    bool tensor, is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
+    Returns (None, None) when e^{1/ε} itself overflows.
     """
+    if 1.0 / epsilon >= math.log(torch.finfo(dtype).max):
+        return None, None
+    base = math.exp(1.0 / epsilon)
     n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
-    x = scratch if scratch is not None else blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype)
+    e = out if out is not None else blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype)
     start = 0
     for b in blocks:
-        torch.mul(b.to(dtype), 1.0 / epsilon, out=x[start : start + b.shape[0]])  # S/ε
+        torch.pow(base, b.to(dtype), out=e[start : start + b.shape[0]])  # (B_j, K) exp(S/ε)
         start += b.shape[0]
-    p = torch.empty_like(x) if out is None else out
-    torch.softmax(x, dim=0, out=p)  # (B, K) first prototype step: each column sums to 1
-    r = _sample_mass(p, None)  # (B,) first sample step: the row sums of P
-    masses = [r]
-    for t in range(1, iterations):
-        c = _prototype_mass(p, r.reciprocal())  # (K,) Pᵀu with u = 1/r
-        v = torch.div(c.amin(), c)  # (K,) v ∝ 1/(Pᵀu), scaled to max 1
-        if t < iterations - 1:
-            r = _sample_mass(p, v)  # (B,) P v
-            masses.append(r)
-    q = p[:rows]
-    if iterations > 1:
-        q.mul_(v)  # P Diag(v)
-        r = q.sum(dim=1)  # (rows,) P v, summed pairwise: the rows of Q sum to 1 within rounding
-        masses.append(r)
-    q.div_(r[:rows, None])  # Q = Diag(1/(P v)) P Diag(v)
-    accurate = torch.cat(masses).amin() >= _FAST_MIN_MASS  # NaN compares False
+    masses, u = [], e.new_ones(n_rows)  # (B,) u₀
+    for t in range(iterations):
+        if t > 0:  # sample step
+            r = _sample_mass(e, v)  # (B,) E v
+            masses.append(r.amin())
+            u = torch.div(masses[-1], r)  # (B,) u ∝ 1/(E v), max 1
+        c = _prototype_mass(e, u)  # (K,) Eᵀu
+        masses.append(c.amin())
+        v = torch.div(masses[-1], c)  # (K,) v ∝ 1/(Eᵀu), max 1
+    if iterations == 1:  # a sample without a finite score must fail the guard
+        masses.append(_sample_mass(e[:rows], v).amin())
+    masses.append(v.amin() * 2.0**78)  # c overflowed where v = 0
+    # Last sample step, exact per row: softmax(S/ε + log v). The (rows, K) logits are the one
+    # temporary; the codes overwrite E.
+    logits = scratch[:rows] if scratch is not None else torch.empty_like(e[:rows])
+    torch.add(v.log(), blocks[0][:rows].to(dtype), alpha=1.0 / epsilon, out=logits)
+    q = torch.softmax(logits, dim=1, out=e[:rows])
+    accurate = torch.stack(masses).amin() >= _FAST_MIN_MASS  # NaN compares False
     return q, accurate
 
 
