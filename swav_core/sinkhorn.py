@@ -111,7 +111,7 @@ def _sinkhorn(
         fast = _FAST_PATH.get(device_type, True)
         if fast and iterations > 0 and not gather and not _is_compiling():
             q, accurate = _fast_codes(blocks, iterations, epsilon, dtype, rows, out, scratch)
-            if accurate is not None and bool(accurate):  # the one host sync of the fast path
+            if accurate:
                 return q
         return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, name)
 
@@ -121,50 +121,52 @@ def _sinkhorn(
 # dominate, the stable path is faster (benchmarks/results/cpu.log). Tests force either path everywhere.
 _FAST_PATH = {"cpu": False}
 
-# The fast path keeps its codes when every mass it divides by (c = Eᵀu and r = E v with u and v scaled
-# to max 1) is ≥ 2⁻⁷⁸ and the last v is > 0: entries of E lost to underflow (each < 2⁻¹²⁶, flushed
-# denormals included) then change no mass by more than 2⁻³⁰ relatively (n ≤ 2¹⁸ terms).
-_FAST_MIN_MASS = 2.0**-78
+# The fast path keeps its codes when every mass it divides by (c = Eᵀu and r = E v, with u and v
+# scaled to max 1) is ≥ 2⁻⁷⁸ and spans at most 2¹⁰⁰ (so u and v are normal numbers): entries of E lost
+# to underflow (each < 2⁻¹²⁶, flushed denormals included) then change no mass by more than 2⁻³⁰
+# relatively (n ≤ 2¹⁸ terms), and NaN or ∞ anywhere fails the comparisons.
+_FAST_MIN_MASS, _FAST_MAX_SPAN = 2.0**-78, 2.0**100
 
 
 def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, scratch):
     """Codes from E = exp(S/ε) without shifts, and whether under- or overflow left them exact.
 
-    E = (e^{1/ε})^S in one pass; u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each prototype receives mass
-    1/K") and u ∝ 1/(E v) ("each sample 1/B"), one matrix-vector product each, the vectors scaled to
-    max 1. The last sample step is exact in the log domain: Q = Diag(1/(E v)) E Diag(v) =
-    softmax(S/ε + log v) per row. Far fewer passes over B × K than :func:`_stable_codes`, but
-    exp(S/ε) must stay inside the dtype's range (|S|/ε ≲ 80 in float32): the second result, a 0-dim
-    bool tensor, is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
-    Returns (None, None) when e^{1/ε} itself overflows.
+    E = exp(S/ε) in place in the output buffer; u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each
+    prototype receives mass 1/K") and u ∝ 1/(E v) ("each sample 1/B"), one matrix-vector product
+    each, the vectors scaled to max 1. The last sample step is exact in the log domain:
+    Q = Diag(1/(E v)) E Diag(v) = softmax(S/ε + log v) per row. Far fewer passes over B × K than
+    :func:`_stable_codes`, but exp(S/ε) must stay inside the dtype's range (|S|/ε ≲ 80 in float32):
+    the second result is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
+    Deciding it is the call's one host sync (a copy of 2·iterations numbers).
     """
-    if 1.0 / epsilon >= math.log(torch.finfo(dtype).max):
-        return None, None
-    base = math.exp(1.0 / epsilon)
     n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
     e = out if out is not None else blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype)
     start = 0
     for b in blocks:
-        torch.pow(base, b.to(dtype), out=e[start : start + b.shape[0]])  # (B_j, K) exp(S/ε)
+        torch.mul(b.to(dtype), 1.0 / epsilon, out=e[start : start + b.shape[0]])  # (B_j, K) S/ε
         start += b.shape[0]
-    masses, u = [], e.new_ones(n_rows)  # (B,) u₀
+    e.exp_()  # (B, K) E
+    steps = 2 * iterations - 1 + (iterations == 1)  # masses computed: c per iteration, r between
+    lows, highs = e.new_empty(steps), e.new_empty(steps)  # min and max of each mass vector
+
+    def scaled_reciprocal(mass, j):  # 1/mass scaled to max 1, and the mass' range noted
+        torch.aminmax(mass, dim=0, out=(lows[j], highs[j]))
+        return torch.div(lows[j], mass)
+
+    u = e.new_ones(n_rows)  # (B,) u₀
     for t in range(iterations):
         if t > 0:  # sample step
-            r = _sample_mass(e, v)  # (B,) E v
-            masses.append(r.amin())
-            u = torch.div(masses[-1], r)  # (B,) u ∝ 1/(E v), max 1
-        c = _prototype_mass(e, u)  # (K,) Eᵀu
-        masses.append(c.amin())
-        v = torch.div(masses[-1], c)  # (K,) v ∝ 1/(Eᵀu), max 1
-    if iterations == 1:  # a sample without a finite score must fail the guard
-        masses.append(_sample_mass(e[:rows], v).amin())
-    masses.append(v.amin() * 2.0**78)  # c overflowed where v = 0
-    # Last sample step, exact per row: softmax(S/ε + log v). The (rows, K) logits are the one
-    # temporary; the codes overwrite E.
+            u = scaled_reciprocal(_sample_mass(e, v), 2 * t - 1)  # (B,) u ∝ 1/(E v)
+        v = scaled_reciprocal(_prototype_mass(e, u), 2 * t)  # (K,) v ∝ 1/(Eᵀu)
+    if iterations == 1:  # a sample without a finite score must fail the guard too
+        scaled_reciprocal(_sample_mass(e[:rows], v), 1)
+    # Last sample step, exact per row: softmax(S/ε + log v); the (rows, K) logits are the one
+    # temporary, the codes overwrite E.
     logits = scratch[:rows] if scratch is not None else torch.empty_like(e[:rows])
     torch.add(v.log(), blocks[0][:rows].to(dtype), alpha=1.0 / epsilon, out=logits)
     q = torch.softmax(logits, dim=1, out=e[:rows])
-    accurate = torch.stack(masses).amin() >= _FAST_MIN_MASS  # NaN compares False
+    ranges = torch.stack((lows, highs)).tolist()  # the host sync
+    accurate = all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(*ranges))
     return q, accurate
 
 
