@@ -89,6 +89,25 @@ def profile(fn, scores, iterations, name, calls=10):
     return "\n".join(lines)
 
 
+def host_profile(fn, scores, iterations, calls=20, rows=8):
+    """Host (CPU) time per call of the operators ``fn`` dispatches: what bounds a call when the GPU
+    work is short."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn(scores, iterations)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn(scores, iterations)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / calls
+    lines = [f"host time per call {total:.0f} us (profiled), B = {len(scores)}; top operators:"]
+    for e in events[:rows]:
+        lines.append(f"    {e.self_cpu_time_total / calls:7.1f} us  {e.count / calls:4.1f}x  {e.key}")
+    return "\n".join(lines)
+
+
 def op_costs(B: int, K: int, dev: str, min_run_time: float):
     """Median µs of the single B × K operations the versions are built from."""
     s = cosine_scores(B, K, dev)
@@ -165,9 +184,11 @@ def main():
         print(f"\nSingle operations at {B} × {K}:\n")
         print(op_costs(B, K, dev, 0.2))
         print()
+        small = cosine_scores(int(args.sizes.split(",")[0]), K, dev)
         for name, path in [("textbook", None), ("ours, fast path", "fast"), ("ours, stable path", "stable")]:
             fn = textbook_sinkhorn if path is None else (lambda s, t, path=path: _forced(path, s, t))
             print(profile(fn, scores, T, name))
+            print(host_profile(fn, small, T))
 
 
 def _forced(path, scores, iterations):

@@ -139,33 +139,39 @@ def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, 
     the second result is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
     Deciding it is the call's one host sync (a copy of 2·iterations numbers).
     """
-    n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
-    e = out if out is not None else blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype)
-    start = 0
-    for b in blocks:
-        torch.mul(b.to(dtype), 1.0 / epsilon, out=e[start : start + b.shape[0]])  # (B_j, K) S/ε
-        start += b.shape[0]
+    if out is None and len(blocks) == 1:
+        e = torch.mul(blocks[0].to(dtype), 1.0 / epsilon)  # (B, K) S/ε
+    else:
+        n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
+        e = blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype) if out is None else out
+        start = 0
+        for b in blocks:
+            torch.mul(b.to(dtype), 1.0 / epsilon, out=e[start : start + b.shape[0]])  # (B_j, K) S/ε
+            start += b.shape[0]
     e.exp_()  # (B, K) E
-    steps = 2 * iterations - 1 + (iterations == 1)  # masses computed: c per iteration, r between
-    lows, highs = e.new_empty(steps), e.new_empty(steps)  # min and max of each mass vector
+    lows, highs = [], []  # min and max of each mass vector
 
-    def scaled_reciprocal(mass, j):  # 1/mass scaled to max 1, and the mass' range noted
-        torch.aminmax(mass, dim=0, out=(lows[j], highs[j]))
-        return torch.div(lows[j], mass)
+    def scaled_reciprocal(mass):  # 1/mass scaled to max 1, and the mass' range noted
+        low, high = torch.aminmax(mass)
+        lows.append(low)
+        highs.append(high)
+        return torch.div(low, mass)
 
-    u = e.new_ones(n_rows)  # (B,) u₀
-    for t in range(iterations):
-        if t > 0:  # sample step
-            u = scaled_reciprocal(_sample_mass(e, v), 2 * t - 1)  # (B,) u ∝ 1/(E v)
-        v = scaled_reciprocal(_prototype_mass(e, u), 2 * t)  # (K,) v ∝ 1/(Eᵀu)
+    v = scaled_reciprocal(e.sum(dim=0))  # (K,) v ∝ 1/(Eᵀu₀) with u₀ = 1: the column sums
+    for _ in range(1, iterations):
+        u = scaled_reciprocal(_sample_mass(e, v))  # (B,) u ∝ 1/(E v)
+        v = scaled_reciprocal(_prototype_mass(e, u))  # (K,) v ∝ 1/(Eᵀu)
     if iterations == 1:  # a sample without a finite score must fail the guard too
-        scaled_reciprocal(_sample_mass(e[:rows], v), 1)
+        scaled_reciprocal(_sample_mass(e[:rows], v))
     # Last sample step, exact per row: softmax(S/ε + log v); the (rows, K) logits are the one
     # temporary, the codes overwrite E.
-    logits = scratch[:rows] if scratch is not None else torch.empty_like(e[:rows])
-    torch.add(v.log(), blocks[0][:rows].to(dtype), alpha=1.0 / epsilon, out=logits)
+    scores = blocks[0][:rows].to(dtype)
+    if scratch is None:
+        logits = torch.add(v.log(), scores, alpha=1.0 / epsilon)  # (rows, K)
+    else:
+        logits = torch.add(v.log(), scores, alpha=1.0 / epsilon, out=scratch[:rows])
     q = torch.softmax(logits, dim=1, out=e[:rows])
-    ranges = torch.stack((lows, highs)).tolist()  # the host sync
+    ranges = torch.stack(lows + highs).view(2, -1).tolist()  # the host sync
     accurate = all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(*ranges))
     return q, accurate
 
