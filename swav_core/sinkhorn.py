@@ -3,9 +3,9 @@
 The codes are Q* = Diag(u) exp(Cᵀ Z / ε) Diag(v) (§3.1): the entropic transport plan between B
 samples and K prototypes whose prototype marginals are 1/K and whose sample marginals are 1/B. The
 textbook routine (FAIR's ``distributed_sinkhorn``, lightly's ``sinkhorn``) rewrites the whole B × K
-matrix at every half-iteration. Here the matrix E = exp(S/ε), shifted so that nothing over- or
-underflows, is computed once and only the two scaling vectors u (samples) and v (prototypes) are
-updated, one matrix-vector product per half-iteration. See :func:`sinkhorn` for the guarantees.
+matrix at every half-iteration. Here a matrix E ∝ exp(S/ε) is computed once and only the two scaling
+vectors u (samples) and v (prototypes) are updated, one matrix-vector product per half-iteration, on
+one of two paths (``sinkhorn_paths.py``). See :func:`sinkhorn` for the guarantees.
 """
 import contextlib
 import math
@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import distributed as D
+from .sinkhorn_paths import _fast_codes, _is_compiling, _stable_codes
 
 __all__ = ["sinkhorn"]
 
@@ -34,14 +35,12 @@ def sinkhorn(
     for every finite input (−∞ allowed, see Raises) and every ε > 0 with 2/ε finite in the compute
     dtype (ε ≳ 6e-39 in float32).
 
-    Implementation: E = exp((S − m_col − m_row)/ε) is materialised once in the output buffer, where
-    m_col are the per-prototype maxima (a per-prototype constant leaves the result unchanged) and
-    m_row the per-sample maxima of the shifted scores (compensated exactly by the start value of u),
-    so every row and every column of E holds a 1. Then, with Q = Diag(u) E Diag(v),
-    v ← 1/(Eᵀu) (prototype step) and u ← 1/(E v) (sample step); constants such as 1/K and 1/B
-    cancel in the final per-sample normalisation Q = Diag(1/(E v)) E Diag(v). v is rescaled to
-    max 1 and clamped at ``tiny ** 0.8`` (≈ 4.5e-31 in float32), which keeps every vector finite and
-    is inactive unless the scalings need a dynamic range above ≈ 2e30.
+    Implementation: with Q = Diag(u) E Diag(v), v ← 1/(Eᵀu) (prototype step) and u ← 1/(E v)
+    (sample step); constants such as 1/K and 1/B cancel in the final per-sample normalisation
+    Q = Diag(1/(E v)) E Diag(v). The stable path (CPU, distributed, compiled) uses
+    E = exp((S − m_col − m_row)/ε) with column and row maxima, a 1 in every row and column; the fast
+    path (GPU) uses E = exp(S/ε) and a row softmax for the last step, and hands over to the stable
+    path whenever its guard sees under- or overflow that could matter.
 
     Args:
         probabilities: scores S, e.g. ``prototypes(z)``; any floating dtype. Not modified, no
@@ -121,183 +120,12 @@ def _sinkhorn(
 # dominate, the stable path is faster (benchmarks/results/cpu.log). Tests force either path everywhere.
 _FAST_PATH = {"cpu": False}
 
-# The fast path keeps its codes when every mass it divides by (c = Eᵀu and r = E v, with u and v
-# scaled to max 1) is ≥ 2⁻⁷⁸ and spans at most 2¹⁰⁰ (so u and v are normal numbers): entries of E lost
-# to underflow (each < 2⁻¹²⁶, flushed denormals included) then change no mass by more than 2⁻³⁰
-# relatively (n ≤ 2¹⁸ terms), and NaN or ∞ anywhere fails the comparisons.
-_FAST_MIN_MASS, _FAST_MAX_SPAN = 2.0**-78, 2.0**100
-
-
-def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, scratch):
-    """Codes from E = exp(S/ε) without shifts, and whether under- or overflow left them exact.
-
-    E = exp(S/ε) in place in the output buffer; u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each
-    prototype receives mass 1/K") and u ∝ 1/(E v) ("each sample 1/B"), one matrix-vector product
-    each, the vectors scaled to max 1. The last sample step is exact in the log domain:
-    Q = Diag(1/(E v)) E Diag(v) = softmax(S/ε + log v) per row. Far fewer passes over B × K than
-    :func:`_stable_codes`, but exp(S/ε) must stay inside the dtype's range (|S|/ε ≲ 80 in float32):
-    the second result is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
-    Deciding it is the call's one host sync (a copy of 2·iterations numbers).
-    """
-    if out is None and len(blocks) == 1:
-        e = torch.mul(blocks[0].to(dtype), 1.0 / epsilon)  # (B, K) S/ε
-    else:
-        n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
-        e = blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype) if out is None else out
-        start = 0
-        for b in blocks:
-            torch.mul(b.to(dtype), 1.0 / epsilon, out=e[start : start + b.shape[0]])  # (B_j, K) S/ε
-            start += b.shape[0]
-    e.exp_()  # (B, K) E
-    lows, highs = [], []  # min and max of each mass vector
-
-    def scaled_reciprocal(mass):  # 1/mass scaled to max 1, and the mass' range noted
-        low, high = torch.aminmax(mass)
-        lows.append(low)
-        highs.append(high)
-        return torch.div(low, mass)
-
-    v = scaled_reciprocal(e.sum(dim=0))  # (K,) v ∝ 1/(Eᵀu₀) with u₀ = 1: the column sums
-    for _ in range(1, iterations):
-        u = scaled_reciprocal(_sample_mass(e, v))  # (B,) u ∝ 1/(E v)
-        v = scaled_reciprocal(_prototype_mass(e, u))  # (K,) v ∝ 1/(Eᵀu)
-    if iterations == 1:  # a sample without a finite score must fail the guard too
-        scaled_reciprocal(_sample_mass(e[:rows], v))
-    # Last sample step, exact per row: softmax(S/ε + log v); the (rows, K) logits are the one
-    # temporary, the codes overwrite E.
-    scores = blocks[0][:rows].to(dtype)
-    if scratch is None:
-        logits = torch.add(v.log(), scores, alpha=1.0 / epsilon)  # (rows, K)
-    else:
-        logits = torch.add(v.log(), scores, alpha=1.0 / epsilon, out=scratch[:rows])
-    q = torch.softmax(logits, dim=1, out=e[:rows])
-    ranges = torch.stack(lows + highs).view(2, -1).tolist()  # the host sync
-    accurate = all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(*ranges))
-    return q, accurate
-
-
-def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, rows: int, out, name):
-    """Codes from E = exp((S − m_col − m_row)/ε), finite for every valid input; validates S."""
-    scale = 2.0 / epsilon  # the scores are halved in _shifted_exp
-    e, half_row_max = _shifted_exp(blocks, scale, iterations > 0, gather, dtype, out)
-    # NaN or +inf anywhere, or a sample or prototype without a finite score, shows up here.
-    finite = torch.isfinite(half_row_max).all()
-    if iterations == 0:
-        v, r = None, e[:rows].sum(dim=1)  # (rows,) ≥ 1: a softmax per sample
-    else:
-        u = half_row_max.mul_(scale).exp_()  # (B,) u₀ = exp(m_row/ε) in [0, 1]
-        v, r = _scaling_vectors(e, u, iterations, gather, rows)
-        if gather:  # a rank's NaN reaches every rank's v through the all-reduce
-            finite = finite & torch.isfinite(v).all()
-    q = e[:rows]
-    if v is not None:
-        q.mul_(v)
-    q.div_(r[:, None])  # Q = Diag(1/(E v)) E Diag(v): each row sums to 1
-
-    # One host sync, after all the work is queued; skipped while torch.compile traces.
-    if not _is_compiling() and not bool(finite):
-        raise ValueError(
-            f"sinkhorn: {name} must be finite: NaN and +inf are rejected, and -inf only where every "
-            f"sample{' and every prototype' if iterations > 0 else ''} keeps a finite score "
-            f"(got shapes {[tuple(b.shape) for b in blocks]})"
-        )
-    return q
-
 
 def _autocast_off(device_type: str):
     """Autocast disabled (the codes are computed in float32 or float64), entered only if enabled."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype, out):
-    """E = exp((S − m_col − m_row)/ε) in one (B, K) buffer, and m_row/2 (B,).
-
-    m_col (per-prototype maxima, global over ranks; skipped for the plain softmax) leaves the codes
-    unchanged; m_row (per-sample maxima of S − m_col) is compensated by u₀ = exp(m_row/ε), for
-    Diag(u₀) E = exp((S − m_col)/ε) is the textbook's start. Every row of E holds an exact 1, and so
-    does every column (at its maximum's row, where m_row = 0). Scores are halved before the
-    subtraction (exact) so that no difference of finite scores overflows; ``scale`` is 2/ε.
-    """
-    n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
-    if shift_prototypes:
-        col_max = blocks[0].amax(dim=0).to(dtype)  # (K,) exact in the input dtype
-        for b in blocks[1:]:
-            col_max = torch.maximum(col_max, b.amax(dim=0).to(dtype))
-        if gather:
-            D.all_reduce_max_(col_max)
-        shift = col_max.mul_(-0.5)
-    else:
-        shift = torch.zeros(n_prototypes, dtype=dtype, device=blocks[0].device)
-    if out is None and len(blocks) == 1:
-        e = torch.add(shift, blocks[0], alpha=0.5)  # (B, K) (S − m_col)/2, 0 at each column's max
-    else:
-        e = blocks[0].new_empty((n_rows, n_prototypes), dtype=dtype) if out is None else out
-        start = 0
-        for b in blocks:
-            torch.add(shift, b, alpha=0.5, out=e[start : start + b.shape[0]])
-            start += b.shape[0]
-    half_row_max = e.amax(dim=1)  # (B,) m_row/2 ≤ 0
-    e.sub_(half_row_max[:, None]).mul_(scale).exp_()  # (B, K) in [0, 1]
-    return e, half_row_max
-
-
-def _scaling_vectors(e: torch.Tensor, u: torch.Tensor, iterations: int, gather: bool, rows: int):
-    """v (K,) and r = E v (rows,) after ``iterations`` prototype and sample steps from u₀ (B,).
-
-    v is rescaled to max 1 and clamped at tiny ** 0.8 (≈ 4.5e-31 in float32): with a 1 in every
-    row and column of E, r ≥ floor, u = 1/r ≤ 1/floor and c = Eᵀu ∈ [min u, B/floor] stay finite.
-    """
-    floor = torch.finfo(e.dtype).tiny ** 0.8
-    for t in range(iterations):
-        # Prototype step, "each prototype receives mass 1/K": v ∝ 1/(Eᵀu).
-        c = _prototype_mass(e, u)  # (K,) ≥ min u > 0 thanks to each column's 1
-        if gather:
-            D.all_reduce_sum_(c)
-        v = torch.div(c.amin(), c).clamp_(min=floor)  # (K,) in [floor, 1], the same on all ranks
-        # Sample step, "each sample receives mass 1/B": u ∝ 1/(E v); the last one is the output's.
-        if t < iterations - 1:
-            u = _sample_mass(e, v).reciprocal_()  # (B,) in [1/K, 1/floor] thanks to each row's 1
-    return v, _sample_mass(e[:rows], v)
-
-
-# CPU matrix-vector products as batched products over row blocks: MKL runs a matrix-vector product on
-# one thread but spreads a batched one over all of them (3× faster with 2 threads at 4096 × 3000).
-_BLOCKS = 8
-
-
-def _blocks(e: torch.Tensor) -> int:
-    use = e.device.type == "cpu" and e.shape[0] >= 4 * _BLOCKS and e.numel() >= 2**18
-    return _BLOCKS if use else 1
-
-
-def _prototype_mass(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Eᵀu, shape (K,), for E (B, K) and u (B,)."""
-    n = _blocks(e)
-    if n == 1:
-        return torch.mv(e.t(), u)
-    main = e.shape[0] - e.shape[0] % n
-    c = torch.bmm(u[:main].view(n, 1, -1), e[:main].view(n, main // n, -1)).sum(dim=0)[0]  # (K,)
-    return c if main == e.shape[0] else c.add_(torch.mv(e[main:].t(), u[main:]))
-
-
-def _sample_mass(e: torch.Tensor, v: Optional[torch.Tensor]) -> torch.Tensor:
-    """E v, shape (B,), for E (B, K) and v (K,); the row sums of E for v = None."""
-    if v is None:
-        return e.sum(dim=1)
-    n = _blocks(e)
-    if n == 1:
-        return torch.mv(e, v)
-    main = e.shape[0] - e.shape[0] % n
-    blocks = e[:main].view(n, main // n, -1).transpose(1, 2)  # (n, K, B/n)
-    r = torch.bmm(v.view(1, 1, -1).expand(n, 1, -1), blocks).view(main)  # (main,)
-    return r if main == e.shape[0] else torch.cat([r, torch.mv(e[main:], v)])
-
-
-def _is_compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return is_compiling() if is_compiling is not None else torch._dynamo.is_compiling()
 
 
 def _check_scores(scores: torch.Tensor, name: str) -> None:
