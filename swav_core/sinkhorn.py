@@ -80,14 +80,13 @@ def _sinkhorn(
     out: Optional[torch.Tensor] = None,
     rows: Optional[int] = None,
     name: str = "probabilities",
-    scratch: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Codes of the row-wise concatenation of ``blocks`` without materialising that concatenation.
 
-    ``out`` and ``scratch`` (optional) are (Σ B_j, K) buffers of the compute dtype to work in (the
-    loss reuses them for all its crops); with ``rows`` only the codes of the first ``rows`` samples
-    are normalised and returned (queue rows only help the equipartition). The result is a view of
-    ``out`` (or of a new buffer).
+    ``out`` (optional) is a (Σ B_j, K) buffer of the compute dtype to work in (the loss reuses one
+    for all its crops); with ``rows`` only the codes of the first ``rows`` samples are normalised and
+    returned (queue rows only help the equipartition). The result is a view of ``out`` (or of a new
+    buffer).
 
     Single-process eager calls take the fast path (:func:`_fast_codes`) and keep its result when
     its underflow guard holds, which one host sync decides; otherwise, and for ``iterations=0``,
@@ -109,7 +108,7 @@ def _sinkhorn(
     with torch.no_grad(), _autocast_off(device_type):
         fast = _FAST_PATH.get(device_type, True)
         if fast and iterations > 0 and not gather and not _is_compiling():
-            q, accurate = _fast_codes(blocks, iterations, epsilon, dtype, rows, out, scratch)
+            q, accurate = _fast_codes(blocks, iterations, epsilon, dtype, rows, out)
             if accurate:
                 return q
         return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, name)

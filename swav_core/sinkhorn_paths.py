@@ -18,7 +18,7 @@ from . import distributed as D
 _FAST_MIN_MASS, _FAST_MAX_SPAN = 2.0**-78, 2.0**100
 
 
-def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, scratch):
+def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out):
     """Codes from E = exp(S/ε) without shifts, and whether under- or overflow left them exact.
 
     E = exp(S/ε) in place in the output buffer; u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each
@@ -27,7 +27,7 @@ def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, 
     Q = Diag(1/(E v)) E Diag(v) = softmax(S/ε + log v) per row. Far fewer passes over B × K than
     :func:`_stable_codes`, but exp(S/ε) must stay inside the dtype's range (|S|/ε ≲ 80 in float32):
     the second result is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
-    Deciding it is the call's one host sync (a copy of 2·iterations numbers).
+    Deciding it is the call's one host sync (a copy of the masses' minima and maxima).
     """
     if out is None and len(blocks) == 1:
         e = torch.mul(blocks[0].to(dtype), 1.0 / epsilon)  # (B, K) S/ε
@@ -55,11 +55,7 @@ def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out, 
         scaled_reciprocal(_sample_mass(e[:rows], v))
     # Last sample step, exact per row: softmax(S/ε + log v); the (rows, K) logits are the one
     # temporary, the codes overwrite E.
-    scores = blocks[0][:rows].to(dtype)
-    if scratch is None:
-        logits = torch.add(v.log(), scores, alpha=1.0 / epsilon)  # (rows, K)
-    else:
-        logits = torch.add(v.log(), scores, alpha=1.0 / epsilon, out=scratch[:rows])
+    logits = torch.add(v.log(), blocks[0][:rows].to(dtype), alpha=1.0 / epsilon)  # (rows, K)
     q = torch.softmax(logits, dim=1, out=e[:rows])
     ranges = torch.stack(lows + highs).view(2, -1).tolist()  # the host sync
     accurate = all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(*ranges))

@@ -16,7 +16,7 @@ sinkhorn_module = importlib.import_module("swav_core.sinkhorn")  # swav_core.sin
 def fast_codes(scores, iterations=3, epsilon=0.05, rows=None):
     """The fast path alone: (codes, accepted)."""
     rows = len(scores) if rows is None else rows
-    return sinkhorn_module._fast_codes([scores], iterations, epsilon, torch.float32, rows, None, None)
+    return sinkhorn_module._fast_codes([scores], iterations, epsilon, torch.float32, rows, None)
 
 
 def exponent_rtol(scores, epsilon):
