@@ -153,14 +153,12 @@ def main():
     rows = []
     for B in [int(b) for b in args.sizes.split(",")]:
         scores = cosine_scores(B, K, dev)
-
-        def ours(path):
-            def run():
-                with forced_path(path):
-                    return sinkhorn(scores, T)
-            return run
-
-        candidates = [lambda: textbook_sinkhorn(scores, T), ours("auto"), ours("stable" if cuda else "fast")]
+        other = "stable" if cuda else "fast"
+        candidates = [
+            lambda: textbook_sinkhorn(scores, T),
+            lambda: _forced("auto", scores, T),
+            lambda: _forced(other, scores, T),
+        ]
         t_text, t_ours, t_other = interleaved_median_ms(candidates, dev, args.rounds, args.min_run_time)
         gb = B * K * 4 / 1e9  # one pass over the matrix
         rows.append({
