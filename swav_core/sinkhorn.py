@@ -122,9 +122,11 @@ _FAST_PATH = {"cpu": False}
 
 def _autocast_off(device_type: str):
     """Autocast disabled (the codes are computed in float32 or float64), entered only if enabled."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _check_scores(scores: torch.Tensor, name: str) -> None:
