@@ -42,9 +42,10 @@ def passes(iterations: int):
     textbook = 2 + 2 + 1 + 2 + iterations * 10 + 2
     # stable: column max, shift, row max, -= row max, *= 2/ε, exp; 2 matvecs per iteration; *= v, /= r
     stable = 1 + 2 + 1 + 2 + 2 + 2 + 2 * iterations + 2 + 2
-    # fast: E = exp(S/ε) as a power; 2 matvecs per iteration, the last sample step replaced by
-    # logits = S/ε + log v (read S, write) and their softmax (read, write Q); one more matvec for 1
-    fast = 2 + 2 * iterations - 1 + 4 + (1 if iterations == 1 else 0)
+    # fast: S/ε, exp in place; column sums, then 2 matvecs per further iteration; the last sample
+    # step as logits = S/ε + log v (read S, write) and their softmax (read, write Q); one more
+    # matvec for a single iteration
+    fast = 2 + 2 + 2 * iterations - 1 + 4 + (1 if iterations == 1 else 0)
     return textbook, stable, fast
 
 

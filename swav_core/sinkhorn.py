@@ -114,7 +114,7 @@ def _sinkhorn(
         return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, name)
 
 
-# Where the fast path is tried: on GPUs, where the cost is passes over B × K, it makes fewer (11
+# Where the fast path is tried: on GPUs, where the cost is passes over B × K, it makes fewer (13
 # instead of 20 for 3 iterations, and 23 instead of 35 kernels); on the CPU, where exp and fresh pages
 # dominate, the stable path is faster (benchmarks/results/cpu.log). Tests force either path everywhere.
 _FAST_PATH = {"cpu": False}

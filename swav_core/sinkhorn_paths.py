@@ -5,8 +5,6 @@ one matrix-vector product per half-iteration. :func:`_stable_codes` shifts the e
 row maxima so that nothing under- or overflows for any valid input; :func:`_fast_codes` exponentiates
 S/ε as given in fewer passes and reports whether under- or overflow could have touched its result.
 """
-from typing import Optional
-
 import torch
 
 from . import distributed as D
@@ -161,10 +159,8 @@ def _prototype_mass(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return c if main == e.shape[0] else c.add_(torch.mv(e[main:].t(), u[main:]))
 
 
-def _sample_mass(e: torch.Tensor, v: Optional[torch.Tensor]) -> torch.Tensor:
-    """E v, shape (B,), for E (B, K) and v (K,); the row sums of E for v = None."""
-    if v is None:
-        return e.sum(dim=1)
+def _sample_mass(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """E v, shape (B,), for E (B, K) and v (K,)."""
     n = _blocks(e)
     if n == 1:
         return torch.mv(e, v)

@@ -40,10 +40,11 @@ def test_fast_path_rejects_and_the_stable_path_answers(device, monkeypatch, case
     scores = cosine_scores(32, 20, device)
     value = {"far_sample": -1.0, "nan": float("nan"), "inf": float("inf")}.get(case, float("-inf"))
     if case == "minus_inf_column":
-        scores[:, 3] = value
+        scores[:, 3] = value  # a prototype without a finite score
+    elif case in ("far_sample", "minus_inf_row"):
+        scores[5] = value  # a sample far from every prototype, or without a finite score
     else:
-        scores[5] = value if case in ("far_sample", "minus_inf_row") else scores[5]
-        scores[5, 2] = value
+        scores[5, 2] = value  # one NaN or +inf score
     _, accepted = fast_codes(scores, 3, 1e-3)
     assert not accepted
 
