@@ -18,6 +18,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and swav_core from a plain checkout
 from common import copy_bandwidth_gbs, interleaved_median_ms, markdown_table, median_ms  # noqa: E402
 
+from sinkhorn_candidates import GraphedFastCodes, unchecked_fast_codes  # noqa: E402
 from swav_core import sinkhorn  # noqa: E402
 
 
@@ -151,7 +152,7 @@ def main():
     n_textbook, n_stable, n_fast = passes(T)
     cuda = dev.startswith("cuda")
     n_ours = n_fast if cuda else n_stable  # the path sinkhorn() takes by default on this device
-    rows = []
+    rows, checks = [], []
     for B in [int(b) for b in args.sizes.split(",")]:
         scores = cosine_scores(B, K, dev)
         other = "stable" if cuda else "fast"
@@ -160,7 +161,14 @@ def main():
             lambda: _forced("auto", scores, T),
             lambda: _forced(other, scores, T),
         ]
-        t_text, t_ours, t_other = interleaved_median_ms(candidates, dev, args.rounds, args.min_run_time)
+        if cuda:  # what removing the host's share would give (sinkhorn_candidates.py)
+            graphed = GraphedFastCodes(scores.shape, T)
+            candidates += [lambda: graphed(scores), lambda: unchecked_fast_codes(scores, T)]
+            fast = _forced("fast", scores, T)
+            checks.append(f"B = {B}: graph-captured == eager fast path bitwise: "
+                          f"{torch.equal(graphed(scores), fast)}; no-sync max |diff| "
+                          f"{(unchecked_fast_codes(scores, T) - fast).abs().max().item():.1e}")
+        t_text, t_ours, t_other, *t_extra = interleaved_median_ms(candidates, dev, args.rounds, args.min_run_time)
         gb = B * K * 4 / 1e9  # one pass over the matrix
         rows.append({
             "B × K": f"{B} × {K}",
@@ -172,12 +180,16 @@ def main():
             "ours GB/s": n_ours * gb / (t_ours * 1e-3),
             "ours / copy bw": f"{n_ours * gb / (t_ours * 1e-3) / copy_gbs:.0%}",
         })
+        if t_extra:
+            rows[-1].update({"graph-captured ms": t_extra[0], "graph speed-up": t_text / t_extra[0],
+                             "no-sync ms": t_extra[1], "no-sync speed-up": t_text / t_extra[1]})
     name = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
     print(f"Sinkhorn, {T} iterations, fp32, {name}, torch {torch.__version__}; copy bandwidth "
           f"{copy_gbs:.0f} GB/s; ours = sinkhorn() as dispatched, the {'fast' if cuda else 'stable'} "
           f"path here; traffic per call: textbook {n_textbook}, stable path {n_stable}, fast path "
           f"{n_fast} B×K passes (the minimum, read S + write Q, is 2)\n")
     print(markdown_table(rows))
+    print("\n".join(checks))
     if args.profile and cuda:
         B = int(args.sizes.split(",")[-1])
         print(f"\nSingle operations at {B} × {K}:\n")
@@ -188,6 +200,9 @@ def main():
             fn = textbook_sinkhorn if path is None else (lambda s, t, path=path: _forced(path, s, t))
             print(profile(fn, scores, T, name))
             print(host_profile(fn, small, T))
+        big, little = GraphedFastCodes(scores.shape, T), GraphedFastCodes(small.shape, T)
+        print(profile(lambda s, t: big(s), scores, T, "graph-captured candidate"))
+        print(host_profile(lambda s, t: little(s), small, T))
 
 
 def _forced(path, scores, iterations):

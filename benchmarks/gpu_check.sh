@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=. CI=true
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import torch, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/gpu_env.log"
-timeout 100 python benchmarks/bench_sinkhorn.py --device cuda --min-run-time 1 --profile 2>&1 | tee "$OUT/gpu_bench_sinkhorn.log"
+timeout 150 python benchmarks/bench_sinkhorn.py --device cuda --min-run-time 1 --profile 2>&1 | tee "$OUT/gpu_bench_sinkhorn.log"
 timeout 200 python -m pytest -q -p no:cacheprovider -rs -k cuda tests 2>&1 | tee "$OUT/gpu_tests.log"
 timeout 60 python benchmarks/bench_loss.py --device cuda --min-run-time 1 2>&1 | tee "$OUT/gpu_bench_loss.log"
 timeout 30 python benchmarks/bench_memory_bank.py --device cuda 2>&1 | tee "$OUT/gpu_bench_memory_bank.log"

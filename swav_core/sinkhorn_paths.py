@@ -19,13 +19,11 @@ _FAST_MIN_MASS, _FAST_MAX_SPAN = 2.0**-78, 2.0**100
 def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out):
     """Codes from E = exp(S/ε) without shifts, and whether under- or overflow left them exact.
 
-    E = exp(S/ε) in place in the output buffer; u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each
-    prototype receives mass 1/K") and u ∝ 1/(E v) ("each sample 1/B"), one matrix-vector product
-    each, the vectors scaled to max 1. The last sample step is exact in the log domain:
-    Q = Diag(1/(E v)) E Diag(v) = softmax(S/ε + log v) per row. Far fewer passes over B × K than
-    :func:`_stable_codes`, but exp(S/ε) must stay inside the dtype's range (|S|/ε ≲ 80 in float32):
-    the second result is False otherwise (and for NaN or ±∞ anywhere), so that the caller falls back.
-    Deciding it is the call's one host sync (a copy of the masses' minima and maxima).
+    E = exp(S/ε) in place in the output buffer and the scaling vectors from :func:`_fast_scaling`;
+    the last sample step is exact in the log domain: Q = Diag(1/(E v)) E Diag(v) = softmax(S/ε +
+    log v) per row. Far fewer passes over B × K than :func:`_stable_codes`, but exp(S/ε) must stay
+    inside the dtype's range (|S|/ε ≲ 80 in float32): the second result is False otherwise (and for
+    NaN or ±∞ anywhere), so that the caller falls back. Deciding it is the call's one host sync.
     """
     if out is None and len(blocks) == 1:
         e = torch.mul(blocks[0].to(dtype), 1.0 / epsilon)  # (B, K) S/ε
@@ -36,8 +34,22 @@ def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out):
         for b in blocks:
             torch.mul(b.to(dtype), 1.0 / epsilon, out=e[start : start + b.shape[0]])  # (B_j, K) S/ε
             start += b.shape[0]
+    log_v, ranges = _fast_scaling(e, iterations, rows)
+    # The (rows, K) logits are the one temporary; the codes overwrite E.
+    logits = torch.add(log_v, blocks[0][:rows].to(dtype), alpha=1.0 / epsilon)  # (rows, K)
+    return torch.softmax(logits, dim=1, out=e[:rows]), _fast_accurate(ranges)
+
+
+def _fast_scaling(e: torch.Tensor, iterations: int, rows: int):
+    """E = exp(X) in place for X = S/ε (B, K), then log v (K,) and the ranges of the masses (2, n).
+
+    u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each prototype receives mass 1/K") and u ∝ 1/(E v) ("each
+    sample 1/B"), one matrix-vector product each, the vectors scaled to max 1. ``ranges`` holds the
+    minimum (row 0) and maximum (row 1) of every mass divided by, for :func:`_fast_accurate`.
+    Shape-static and free of host syncs: a CUDA graph can capture it.
+    """
     e.exp_()  # (B, K) E
-    lows, highs = [], []  # min and max of each mass vector
+    lows, highs = [], []
 
     def scaled_reciprocal(mass):  # 1/mass scaled to max 1, and the mass' range noted
         low, high = torch.aminmax(mass)
@@ -51,13 +63,13 @@ def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out):
         v = scaled_reciprocal(_prototype_mass(e, u))  # (K,) v ∝ 1/(Eᵀu)
     if iterations == 1:  # a sample without a finite score must fail the guard too
         scaled_reciprocal(_sample_mass(e[:rows], v))
-    # Last sample step, exact per row: softmax(S/ε + log v); the (rows, K) logits are the one
-    # temporary, the codes overwrite E.
-    logits = torch.add(v.log(), blocks[0][:rows].to(dtype), alpha=1.0 / epsilon)  # (rows, K)
-    q = torch.softmax(logits, dim=1, out=e[:rows])
-    ranges = torch.stack(lows + highs).view(2, -1).tolist()  # the host sync
-    accurate = all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(*ranges))
-    return q, accurate
+    return v.log(), torch.stack(lows + highs).view(2, -1)
+
+
+def _fast_accurate(ranges: torch.Tensor) -> bool:
+    """Whether every mass of :func:`_fast_scaling` is within the guard's bounds (a host sync)."""
+    lows, highs = ranges.tolist()
+    return all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(lows, highs))
 
 
 def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, rows: int, out, name):
