@@ -11,10 +11,19 @@ _NORM_EPS = 1e-12
 
 
 def _int_at_least(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """``value`` as an int ≥ ``low`` (a Python or NumPy integer, not a bool), else a ValueError."""
+    is_int = not isinstance(value, bool) and hasattr(type(value), "__index__")
+    if not is_int or operator.index(value) < low:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
         raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return value
+    return operator.index(value)
+
+
+def _flag(name: str, value) -> bool:
+    """``value`` as a bool (True, False, 1 or 0), else a ValueError: a string like "no" is not False."""
+    if not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def _positive_int(name: str, value) -> int:
@@ -25,6 +34,19 @@ def _check_features(x: torch.Tensor, dim: int, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what} expects features of shape (B, {dim}), got {shape}")
+
+
+def _check_step(step) -> int:
+    """The optimisation step as a non-negative int (Python or NumPy integer, not a bool)."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        step = operator.index(step)
+    except TypeError:
+        raise ValueError(f"step must be an int, got {step!r}") from None
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    return step
 
 
 class SwaVProjectionHead(nn.Module):
@@ -75,8 +97,9 @@ class SwaVPrototypes(nn.Module):
     With L2-normalised Z and C (call :meth:`normalize` before each step) the scores are cosine
     similarities. ``n_prototypes`` may be a list: one head per entry, and ``forward`` returns a list.
 
-    Freezing (appendix A, "freeze the prototypes during the first epoch"): while training with
-    gradients enabled and ``step < n_steps_frozen_prototypes``, the forward computes as usual, so
+    Freezing (appendix A, "freeze the prototypes during the first epoch"): with gradients enabled
+    and ``step < n_steps_frozen_prototypes`` (in train or eval mode; in train mode ``step`` is
+    required, in eval mode a forward without it freezes nothing), the forward computes as usual, so
     gradients reach the input features and every prototype receives a gradient (DistributedDataParallel
     with ``find_unused_parameters=False`` needs that), and a hook on the scores queues an autograd
     final callback that sets the prototypes' ``.grad`` to None once backward, DDP's gradient
@@ -112,9 +135,9 @@ class SwaVPrototypes(nn.Module):
     ):
         super().__init__()
         self.input_dim = _positive_int("input_dim", input_dim)
-        self.multi_head = not isinstance(n_prototypes, int)
+        self.multi_head = isinstance(n_prototypes, (list, tuple))
         if self.multi_head:
-            if not isinstance(n_prototypes, (list, tuple)) or len(n_prototypes) == 0:
+            if len(n_prototypes) == 0:
                 raise ValueError(
                     f"n_prototypes must be a positive int or a non-empty list of them, got {n_prototypes!r}"
                 )
@@ -125,8 +148,8 @@ class SwaVPrototypes(nn.Module):
         self.n_steps_frozen_prototypes = _int_at_least(
             "n_steps_frozen_prototypes", n_steps_frozen_prototypes, 0
         )
-        self.bias = bool(bias)
-        self.heads = nn.ModuleList([nn.Linear(input_dim, k, bias=self.bias) for k in ks])
+        self.bias = _flag("bias", bias)
+        self.heads = nn.ModuleList([nn.Linear(self.input_dim, k, bias=self.bias) for k in ks])
         self._clear_pending = False  # a grad-clearing callback is queued for the running backward
 
     def forward(
@@ -146,21 +169,19 @@ class SwaVPrototypes(nn.Module):
 
     def _frozen(self, step) -> bool:
         n = self.n_steps_frozen_prototypes
-        if n == 0 or not (self.training and torch.is_grad_enabled()):
+        if n == 0 or not torch.is_grad_enabled():
             return False
         if step is None:
-            raise ValueError(
-                f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) while training"
-            )
-        try:
-            if isinstance(step, bool):
-                raise TypeError
-            step = operator.index(step)
-        except TypeError:
-            raise ValueError(f"step must be an int, got {step!r}") from None
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        return step < n
+            if self._needs_step():
+                raise ValueError(
+                    f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) while training"
+                )
+            return False
+        return _check_step(step) < n
+
+    def _needs_step(self) -> bool:
+        """Whether a forward now must be told the step: freezing is on, training, gradients enabled."""
+        return self.n_steps_frozen_prototypes > 0 and self.training and torch.is_grad_enabled()
 
     def _queue_grad_clearing(self, grad: torch.Tensor) -> None:
         if not self._clear_pending:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import SwaVProjectionHead, SwaVPrototypes, _int_at_least
+from .heads import SwaVProjectionHead, SwaVPrototypes, _check_step, _flag, _int_at_least
 from .memory_bank import MemoryBankModule
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head
@@ -70,10 +70,11 @@ class SwaV(nn.Module):
         group_crops_by_resolution: bool = False,
     ):
         super().__init__()
-        _int_at_least("num_ftrs", num_ftrs, 2)
-        _int_at_least("n_queues", n_queues, 0)
-        _int_at_least("queue_length", queue_length, 0)
-        _int_at_least("start_queue_at_epoch", start_queue_at_epoch, 0)
+        num_ftrs = _int_at_least("num_ftrs", num_ftrs, 2)
+        n_queues = _int_at_least("n_queues", n_queues, 0)
+        queue_length = _int_at_least("queue_length", queue_length, 0)
+        start_queue_at_epoch = _int_at_least("start_queue_at_epoch", start_queue_at_epoch, 0)
+        prototype_bias = _flag("prototype_bias", prototype_bias)
         if n_queues > 0 and queue_length == 0:
             raise ValueError(f"n_queues={n_queues} needs queue_length > 0, got queue_length=0")
         self.backbone = backbone
@@ -89,7 +90,7 @@ class SwaV(nn.Module):
         self.num_ftrs = num_ftrs
         self.queue_length = queue_length
         self.start_queue_at_epoch = start_queue_at_epoch
-        self.group_crops_by_resolution = group_crops_by_resolution
+        self.group_crops_by_resolution = _flag("group_crops_by_resolution", group_crops_by_resolution)
 
     def extra_repr(self) -> str:
         return (
@@ -104,7 +105,7 @@ class SwaV(nn.Module):
         epoch: Optional[int] = None,
         step: Optional[int] = None,
     ) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
-        high_crops, low_crops = self._check_input(input, epoch)
+        high_crops, low_crops = self._check_input(input, epoch, step)  # before any state changes
         n_high = len(high_crops)
         self.prototypes.normalize()
         features = self._embed(high_crops + low_crops)  # V × (B, D), unit rows
@@ -112,12 +113,17 @@ class SwaV(nn.Module):
         queue_scores = self._queue_scores(features[:n_high], epoch, step)
         return scores[:n_high], scores[n_high:], queue_scores
 
-    def _check_input(self, input, epoch) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def _check_input(self, input, epoch, step) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         if not isinstance(input, (tuple, list)) or len(input) != 2:
             raise ValueError(
                 "input must be a pair (high_resolution_crops, low_resolution_crops), "
                 f"got {type(input).__name__} of length {len(input) if hasattr(input, '__len__') else '?'}"
             )
+        for name, crops in (("high-resolution", input[0]), ("low-resolution", input[1])):
+            if not isinstance(crops, (tuple, list)):
+                is_tensor = isinstance(crops, torch.Tensor)
+                got = f"a tensor of shape {tuple(crops.shape)}" if is_tensor else type(crops).__name__
+                raise ValueError(f"the {name} crops must be a list of batch tensors (B, C, ...), got {got}")
         high, low = list(input[0]), list(input[1])
         if not high and not low:
             raise ValueError("input holds no crops: both crop lists are empty")
@@ -139,6 +145,15 @@ class SwaV(nn.Module):
                 raise ValueError(
                     f"epoch is required when start_queue_at_epoch={self.start_queue_at_epoch} > 0"
                 )
+        if epoch is not None:
+            _int_at_least("epoch", epoch, 0)
+        if step is not None:
+            _check_step(step)
+        elif self.prototypes._needs_step():
+            raise ValueError(
+                f"SwaV(n_steps_frozen_prototypes={self.prototypes.n_steps_frozen_prototypes}) needs "
+                "forward(input, epoch, step=...) while training"
+            )
         return high, low
 
     def _backbone(self, x: torch.Tensor) -> torch.Tensor:

@@ -215,13 +215,18 @@ def test_externally_frozen_prototypes_stay_frozen(device):
     assert torch.equal(protos.heads[0].weight, w0)
 
 
-def test_eval_and_no_grad_need_no_step(device):
+def test_eval_and_no_grad_need_no_step_but_freeze_with_one(device):
+    features = nn.Linear(5, 3).to(device)
     protos = SwaVPrototypes(3, 4, n_steps_frozen_prototypes=5).to(device)
     x = torch.randn(2, 3, device=device)
     with torch.no_grad():
         assert protos(x).shape == (2, 4)
-    protos.eval()
-    assert protos(x).shape == (2, 4)
+    protos.eval()  # e.g. to keep BatchNorm statistics fixed while training on
+    protos(features(torch.randn(2, 5, device=device))).sum().backward()
+    assert protos.heads[0].weight.grad is not None  # no step: nothing frozen
+    protos.zero_grad(set_to_none=True)
+    protos(features(torch.randn(2, 5, device=device)), step=4).sum().backward()
+    assert protos.heads[0].weight.grad is None and features.weight.grad is not None  # step 4 < 5
     protos.train()
     with pytest.raises(ValueError, match="needs forward"):
         protos(x)
@@ -241,9 +246,3 @@ def test_aborted_backward_does_not_disarm_freezing(device):
         scores.sum().backward()
     protos(features(torch.randn(4, 5, device=device)), step=1).sum().backward()
     assert protos.heads[0].weight.grad is None and features.weight.grad is not None
-
-
-def test_extra_repr():
-    text = repr(SwaVPrototypes(16, [30, 10], n_steps_frozen_prototypes=7, bias=True))
-    assert "input_dim=16, n_prototypes=[30, 10], n_steps_frozen_prototypes=7, bias=True" in text
-    assert "input_dim=8, hidden_dim=6, output_dim=4" in repr(SwaVProjectionHead(8, 6, 4))

@@ -136,7 +136,7 @@ def test_bad_input_raises_clear_errors(device):
     with pytest.raises(ValueError, match=r"low-resolution crop 0 must be a batch tensor.*shape \(2,\)"):
         model((high, [torch.zeros(2, device=device)]), epoch=1, step=0)
     frozen = SwaV(backbone_2d(), 8, 4, 6, n_queues=0, n_steps_frozen_prototypes=3).to(device)
-    with pytest.raises(ValueError, match=r"needs forward\(x, step=\.\.\.\) while training"):
+    with pytest.raises(ValueError, match=r"needs forward\(input, epoch, step=\.\.\.\) while training"):
         frozen((high, low))
     with pytest.raises(ValueError, match="step must be an int, got True"):
         frozen((high, low), step=True)
