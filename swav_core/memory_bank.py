@@ -24,7 +24,8 @@ class MemoryBankModule(nn.Module):
     onto every rank; they are still written to and read from ``state_dict()`` (keys ``bank``,
     ``bank_ptr``, ``bank_filled``), and ``.to()`` / ``.half()`` / ``.cuda()`` move and cast them. A
     state_dict without these keys (lightly saves no queue state) loads with ``strict=True`` and
-    leaves the queue empty.
+    leaves the queue empty; one with only some of them lists the others in ``missing_keys`` (an
+    error under ``strict=True``) and also leaves the queue empty.
 
     Args:
         size: queue length, or ``(length, D)``. With an int, D is taken from the first batch.
@@ -58,7 +59,8 @@ class MemoryBankModule(nn.Module):
         self.gather_distributed = bool(gather_distributed)
         self.feature_dim_first = bool(feature_dim_first)
         self._fixed_dim = dim is not None
-        self._bank = torch.zeros(length, dim or 0)  # (length, D); (length, 0) until D is known
+        with torch.inference_mode(False):  # see _new_bank
+            self._bank = torch.zeros(length, dim or 0)  # (length, D); (length, 0) until D is known
         self._ptr = 0  # next slot to write
         self._filled = 0  # real rows stored, ≤ length
 
@@ -100,12 +102,24 @@ class MemoryBankModule(nn.Module):
         self._check_batch(x, "push")
         if self.gather_distributed:
             x = all_gather_cat(x)
-        self._write(x.detach().to(device=self._bank.device, dtype=self._bank.dtype))
+        x = x.detach().to(device=self._bank.device, dtype=self._bank.dtype)
+        if x.untyped_storage().data_ptr() == self._bank.untyped_storage().data_ptr():
+            x = x.clone()  # e.g. push(features(ordered=False)): the write would overwrite rows it reads
+        self._write(x)
+
+    def _new_bank(self, dim: int) -> None:
+        """Replace the storage by zeros (length, D), same device and dtype.
+
+        Made with inference mode off, so a queue first filled (or loaded) under
+        ``torch.inference_mode()``, e.g. by a validation pass, still takes in-place pushes afterwards.
+        """
+        with torch.inference_mode(False):
+            self._bank = self._bank.new_zeros(self.length, dim)
 
     def _write(self, x: torch.Tensor) -> None:
         length, b = self.length, x.shape[0]
         if self.dim is None:
-            self._bank = self._bank.new_zeros(length, x.shape[1])
+            self._new_bank(x.shape[1])
         n = min(b, length)
         rows = x[b - n :]  # (n, D): the rows that survive this push
         start = (self._ptr + b - n) % length  # where they land had the B rows been pushed one by one
@@ -140,7 +154,7 @@ class MemoryBankModule(nn.Module):
             return output, None
         self._check_batch(output, "forward")
         if self.dim is None:
-            self._bank = self._bank.new_zeros(self.length, output.shape[1])
+            self._new_bank(output.shape[1])
         if self.feature_dim_first:
             bank = rearrange(self._bank, "l d -> d l").clone(memory_format=torch.contiguous_format)
         else:
@@ -152,7 +166,8 @@ class MemoryBankModule(nn.Module):
     # ---- device / dtype and checkpoints ----------------------------------------------------------
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._bank = fn(self._bank)
+        with torch.inference_mode(False):  # see _new_bank
+            self._bank = fn(self._bank)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -173,34 +188,40 @@ class MemoryBankModule(nn.Module):
         for k in keys:
             if k in unexpected_keys:
                 unexpected_keys.remove(k)
-        present = [k in state_dict for k in keys]
-        if not any(present):  # lightly / fmcib checkpoint: no queue state, start empty
+        absent = [k for k in keys if k not in state_dict]
+        if absent:  # start empty; lightly / fmcib save no queue state, which is not an incompatibility
+            if len(absent) < len(keys):  # part of it: PyTorch's convention, strict=True raises on these
+                missing_keys.extend(absent)
             self._bank.zero_()
             self._ptr = self._filled = 0
             return
-        if not all(present):
-            missing = [k for k, p in zip(keys, present) if not p]
-            error_msgs.append(f"MemoryBankModule at '{prefix}': queue state incomplete, missing {missing}")
-            return
         bank, ptr, filled = (state_dict[k] for k in keys)
-        ptr, filled = int(ptr), int(filled)
         want = (self.length, self.dim) if self._fixed_dim else (self.length, "D")
-        if bank.ndim != 2 or bank.shape[0] != self.length or (self._fixed_dim and bank.shape[1] != self.dim):
+        if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or bank.shape[0] != self.length or (
+            self._fixed_dim and bank.shape[1] != self.dim
+        ):
+            got = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
             error_msgs.append(
-                f"size mismatch for {prefix}bank: copying a queue of shape {tuple(bank.shape)}, "
+                f"size mismatch for {prefix}bank: copying a queue of shape {got}, "
                 f"the queue in the current model has shape {want}"
             )
             return
-        if not (0 <= filled <= self.length and 0 <= ptr < max(self.length, 1)) or (
-            filled < self.length and ptr != filled
-        ):
+        errors = [
+            _counter_error(prefix, "bank_ptr", ptr, max(self.length, 1) - 1, self.length),
+            _counter_error(prefix, "bank_filled", filled, self.length, self.length),
+        ]
+        if any(errors):
+            error_msgs.extend(e for e in errors if e)
+            return
+        ptr, filled = int(ptr), int(filled)
+        if filled < self.length and ptr != filled:
             error_msgs.append(
                 f"inconsistent queue state at '{prefix}': bank_ptr={ptr}, bank_filled={filled}, "
-                f"length={self.length}"
+                f"length={self.length}: a queue that is not full must have bank_ptr == bank_filled"
             )
             return
         if bank.shape != self._bank.shape:
-            self._bank = self._bank.new_empty(bank.shape)
+            self._new_bank(bank.shape[1])
         self._bank.copy_(bank)
         self._ptr, self._filled = ptr, filled
 
@@ -227,3 +248,15 @@ def _parse_size(size) -> Tuple[int, Optional[int]]:
     raise ValueError(
         f"size must be a non-negative int (length) or a pair (length >= 0, dim > 0) of ints, got {size!r}"
     )
+
+
+def _counter_error(prefix: str, name: str, value, top: int, length: int) -> Optional[str]:
+    """Why ``value`` is not a valid queue counter (a 0-dim integer tensor in [0, top]), or None."""
+    is_tensor = isinstance(value, torch.Tensor)
+    integer = is_tensor and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    if not (integer and value.ndim == 0):
+        got = f"shape {tuple(value.shape)}, dtype {value.dtype}" if is_tensor else type(value).__name__
+        return f"{prefix}{name} must be a 0-dim integer tensor, got {value!r} ({got})"
+    if not 0 <= int(value) <= top:
+        return f"{prefix}{name}={int(value)} is out of range: expected 0..{top} (queue length {length})"
+    return None

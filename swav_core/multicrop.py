@@ -5,6 +5,8 @@ its own scale, centre and flips, folded into a diagonal affine map, so the work 
 batch's device and no Python loop runs over samples.
 """
 import math
+import numbers
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,17 +17,44 @@ __all__ = ["MultiCrop"]
 Size = Union[int, Sequence[int]]
 
 
+def _as_int(value) -> Optional[int]:
+    """``value`` as a Python int when it is an integer (int, numpy integer, …) other than a bool, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_scale(name: str, scale: Sequence[float]) -> Tuple[float, float]:
-    if len(scale) != 2 or not 0.0 < float(scale[0]) <= float(scale[1]) <= 1.0:
-        raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(scale)}")
-    return float(scale[0]), float(scale[1])
+    try:
+        pair = (scale[0], scale[1]) if not isinstance(scale, (str, bytes)) and len(scale) == 2 else ()
+    except (TypeError, KeyError):
+        pair = ()
+    if (len(pair) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+            or not 0.0 < float(pair[0]) <= float(pair[1]) <= 1.0):
+        raise ValueError(f"{name} must be a pair (lo, hi) of real numbers with 0 < lo <= hi <= 1, got {scale!r}")
+    return float(pair[0]), float(pair[1])
 
 
 def _check_size(name: str, size: Size) -> Tuple[int, ...]:
-    sizes = (size,) if isinstance(size, int) else tuple(size)
-    if len(sizes) not in (1, 2, 3) or not all(isinstance(s, int) and s > 0 for s in sizes):
-        raise ValueError(f"{name} must be a positive int or a tuple of 2 or 3 positive ints, got {size!r}")
-    return sizes
+    try:
+        sizes = (size,) if _as_int(size) is not None else tuple(size)
+    except TypeError:
+        sizes = ()
+    ints = tuple(_as_int(s) for s in sizes)
+    if len(ints) not in (1, 2, 3) or not all(s is not None and s > 0 for s in ints):
+        raise ValueError(f"{name} must be a positive int or a tuple of 1 to 3 positive ints (one per spatial "
+                         f"axis; not floats or bools), got {size!r}")
+    return ints
+
+
+def _check_count(name: str, value: int, least: int) -> int:
+    count = _as_int(value)
+    if count is None or count < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return count
 
 
 class MultiCrop:
@@ -76,7 +105,10 @@ class MultiCrop:
 
         >>> crops = MultiCrop(32, 16, n_high=2, n_low=4)
         >>> high, low = crops(torch.rand(8, 3, 48, 48), generator=torch.Generator().manual_seed(0))
-        >>> [h.shape for h in high], [l.shape for l in low]
+        >>> len(high), len(low)
+        (2, 4)
+        >>> high[0].shape, low[0].shape
+        (torch.Size([8, 3, 32, 32]), torch.Size([8, 3, 16, 16]))
     """
 
     def __init__(
@@ -93,10 +125,8 @@ class MultiCrop:
     ):
         self.high_size = _check_size("high_size", high_size)
         self.low_size = _check_size("low_size", low_size)
-        if not isinstance(n_high, int) or n_high < 1:
-            raise ValueError(f"n_high must be an int >= 1 (SwAV needs a high-resolution crop), got {n_high!r}")
-        if not isinstance(n_low, int) or n_low < 0:
-            raise ValueError(f"n_low must be an int >= 0, got {n_low!r}")
+        n_high = _check_count("n_high", n_high, 1)  # SwAV needs a high-resolution crop
+        n_low = _check_count("n_low", n_low, 0)
         if n_high + n_low < 2:
             raise ValueError(f"need at least 2 crops in total, got n_high={n_high}, n_low={n_low}")
         if not (isinstance(intensity, (int, float)) and 0.0 <= intensity < 1.0):
@@ -136,6 +166,8 @@ class MultiCrop:
             raise ValueError(f"MultiCrop expects a floating-point batch, got dtype {x.dtype}; convert it first")
         if x.shape[0] == 0 or any(n == 0 for n in x.shape[1:]):
             raise ValueError(f"MultiCrop got an empty batch of shape {tuple(x.shape)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
         high = [self._crop(x, self.high_size, self.high_scale, generator) for _ in range(self.n_high)]
         low = [self._crop(x, self.low_size, self.low_scale, generator) for _ in range(self.n_low)]
         return high, low

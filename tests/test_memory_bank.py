@@ -49,20 +49,24 @@ def _check_against(bank, model, dim, device):
     assert empty.shape[0] == length - len(model)  # every slot without a real row is zero
 
 
-@settings(max_examples=40)
-@given(seq=push_sequences(), cut=st.integers(0, 8), via_bytes=st.booleans())
-@example(seq=(4, 2, [3, 3, 3]), cut=1, via_bytes=True)  # wrap around the end, then a restore
-@example(seq=(3, 1, [7, 1]), cut=1, via_bytes=False)  # a batch longer than the queue
-@example(seq=(5, 3, [0, 5, 2]), cut=2, via_bytes=True)  # empty batch, exact fill
-@example(seq=(1, 1, [0]), cut=0, via_bytes=False)  # restore before D is known
-def test_ring_buffer_matches_deque(device, seq, cut, via_bytes):
+@settings(max_examples=60)
+@given(seq=push_sequences(), cut=st.integers(0, 8), via_bytes=st.booleans(), fixed_dim=st.booleans())
+@example(seq=(4, 2, [3, 3, 3]), cut=1, via_bytes=True, fixed_dim=False)  # wrap around, then a restore
+@example(seq=(3, 1, [7, 1]), cut=1, via_bytes=False, fixed_dim=False)  # a batch longer than the queue
+@example(seq=(5, 3, [0, 5, 2]), cut=2, via_bytes=True, fixed_dim=False)  # empty batch, exact fill
+@example(seq=(1, 1, [0]), cut=0, via_bytes=False, fixed_dim=False)  # restore before D is known
+@example(seq=(4, 2, [3, 3, 3]), cut=1, via_bytes=True, fixed_dim=True)  # size=(length, D): same cases
+@example(seq=(3, 2, [7, 1]), cut=1, via_bytes=False, fixed_dim=True)
+@example(seq=(5, 3, [0, 5, 2]), cut=0, via_bytes=True, fixed_dim=True)  # restore an empty queue
+def test_ring_buffer_matches_deque(device, seq, cut, via_bytes, fixed_dim):
     length, dim, sizes = seq
-    bank = MemoryBankModule(size=length).to(device)
+    size = (length, dim) if fixed_dim else length  # an int size learns D from the first batch
+    bank = MemoryBankModule(size=size).to(device)
     model = collections.deque(maxlen=length)
     next_id = 1
     for i, b in enumerate(sizes):
         if i == cut:  # checkpoint mid-sequence and continue in a fresh module
-            restored = MemoryBankModule(size=length).to(device)
+            restored = MemoryBankModule(size=size).to(device)
             restored.load_state_dict(_roundtrip(bank.state_dict(), via_bytes), strict=True)
             bank = restored
             _check_against(bank, model, dim, device)
@@ -139,7 +143,7 @@ def test_state_dict_keys_and_errors(device):
         MemoryBankModule(size=(4, 3)).load_state_dict(state)
     with pytest.raises(RuntimeError, match=r"\(4, 2\).*\(5, 'D'\)"):
         MemoryBankModule(size=5).load_state_dict(state)
-    with pytest.raises(RuntimeError, match="missing.*bank_filled"):
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "bank_filled"'):
         MemoryBankModule(size=4).load_state_dict({"bank": state["bank"], "bank_ptr": state["bank_ptr"]})
     bad = dict(state, bank_filled=torch.tensor(2))  # not full, yet the pointer is not at the fill
     with pytest.raises(RuntimeError, match="bank_ptr=1, bank_filled=2"):
