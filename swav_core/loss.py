@@ -82,7 +82,30 @@ class SwaVLoss(nn.Module):
     ) -> torch.Tensor:
         heads = _split_heads(high_resolution_outputs, low_resolution_outputs, queue_outputs)
         losses = [self._head_loss(high, low, queue) for high, low, queue in heads]
-        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        # Non-finite predictions (or z/τ overflowing) make the loss non-finite: named, not passed on.
+        # One host sync, skipped while torch.compile traces.
+        if not _is_compiling() and not bool(torch.isfinite(loss)):
+            raise ValueError(self._non_finite_message(heads))
+        return loss
+
+    def _non_finite_message(self, heads) -> str:
+        multi_head = len(heads) > 1
+        for h, (high, low, _) in enumerate(heads):
+            named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)]
+            named += [(f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
+            for name, z in named:
+                if not bool(torch.isfinite(z).all()):
+                    where = f"{name}[{h}]" if multi_head else name
+                    return (
+                        f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
+                        "non-finite (-inf is accepted only for computing codes, not as a prediction)"
+                    )
+        biggest = max(z.abs().max().item() for high, low, _ in heads for z in high + low)
+        return (
+            f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by "
+            f"temperature={self.temperature} overflow"
+        )
 
     def _head_loss(self, high: Crops, low: Crops, queue: Optional[Crops]) -> torch.Tensor:
         crops = high + low
@@ -112,12 +135,12 @@ class SwaVLoss(nn.Module):
             work = self._work_buffer(n_rows * n_prototypes, high[0].device, dtype)
             work = work[: n_rows * n_prototypes].view(n_rows, n_prototypes)
         for i, z in enumerate(high):
-            name = f"high_resolution_outputs[{i}]"
+            names = (f"high_resolution_outputs[{i}]", f"queue_outputs[{i}]")
             if queue is None:
-                _sinkhorn([z], *self._sinkhorn_args, out=codes[i], name=name)
+                _sinkhorn([z], *self._sinkhorn_args, out=codes[i], names=names)
             else:
                 out = work[: batch + len(queue[i])]
-                q = _sinkhorn([z, queue[i]], *self._sinkhorn_args, out=out, rows=batch, name=name)
+                q = _sinkhorn([z, queue[i]], *self._sinkhorn_args, out=out, rows=batch, names=names)
                 codes[i].copy_(q)
         return codes
 

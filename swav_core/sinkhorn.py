@@ -40,7 +40,8 @@ def sinkhorn(
     Q = Diag(1/(E v)) E Diag(v). The stable path (CPU, distributed, compiled) uses
     E = exp((S − m_col − m_row)/ε) with column and row maxima, a 1 in every row and column; the fast
     path (GPU) uses E = exp(S/ε) and a row softmax for the last step, and hands over to the stable
-    path whenever its guard sees under- or overflow that could matter.
+    path whenever its guard sees under- or overflow that could matter; the stable path hands over to
+    exact log-domain Sinkhorn in float64 when v spans beyond its range (many rounds at small ε).
 
     Args:
         probabilities: scores S, e.g. ``prototypes(z)``; any floating dtype. Not modified, no
@@ -60,8 +61,8 @@ def sinkhorn(
     Raises:
         ValueError: ``probabilities`` not a non-empty 2-D floating tensor, NaN or +∞ scores (or a
             sample or prototype with only −∞ scores), ``iterations`` not an int ≥ 0, ``epsilon``
-            not a finite number > 0 or so small that 2/ε overflows. The check of the scores is
-            skipped while ``torch.compile`` traces.
+            not a finite number > 0 or so small that 2/ε overflows. The check of the scores, and
+            the log-domain hand-over, are skipped while ``torch.compile`` traces.
 
     Example::
 
@@ -79,7 +80,7 @@ def _sinkhorn(
     gather_distributed: bool,
     out: Optional[torch.Tensor] = None,
     rows: Optional[int] = None,
-    name: str = "probabilities",
+    names: Sequence[str] = ("probabilities",),
 ) -> torch.Tensor:
     """Codes of the row-wise concatenation of ``blocks`` without materialising that concatenation.
 
@@ -94,6 +95,7 @@ def _sinkhorn(
     validates the scores.
     """
     iterations, epsilon = _check_hyper(iterations, epsilon)
+    names = [n for n, b in zip(names, blocks) if b.shape[0] > 0]
     blocks = [b.detach() for b in blocks if b.shape[0] > 0]  # an empty queue adds nothing
     dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
     dtype = dtype if out is None else out.dtype
@@ -111,7 +113,7 @@ def _sinkhorn(
             q, accurate = _fast_codes(blocks, iterations, epsilon, dtype, rows, out)
             if accurate:
                 return q
-        return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, name)
+        return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, names)
 
 
 # Where the fast path is tried: on GPUs, where the cost is passes over B × K, it makes fewer (13
@@ -143,6 +145,6 @@ def _check_hyper(iterations, epsilon):
         raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
-    if not (math.isfinite(epsilon) and epsilon > 0 and math.isfinite(2.0 / epsilon)):
+    if not (0.0 < epsilon < math.inf and 2.0 / epsilon < math.inf):  # also for torch.compile's SymFloat
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     return int(iterations), float(epsilon)

@@ -72,17 +72,23 @@ def _fast_accurate(ranges: torch.Tensor) -> bool:
     return all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(lows, highs))
 
 
-def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, rows: int, out, name):
-    """Codes from E = exp((S − m_col − m_row)/ε), finite for every valid input; validates S."""
+def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, rows: int, out, names):
+    """Codes from E = exp((S − m_col − m_row)/ε), finite for every valid input; validates S.
+
+    Exact unless v spans more than float32 can scale (possible from ~5 iterations at small ε, with
+    a far prototype): then :func:`_log_codes` recomputes them, decided in the same host sync.
+    """
     scale = 2.0 / epsilon  # the scores are halved in _shifted_exp
     e, half_row_max = _shifted_exp(blocks, scale, iterations > 0, gather, dtype, out)
     # NaN or +inf anywhere, or a sample or prototype without a finite score, shows up here.
     finite = torch.isfinite(half_row_max).all()
+    exact = torch.ones((), dtype=torch.bool, device=e.device)
     if iterations == 0:
         v, r = None, e[:rows].sum(dim=1)  # (rows,) ≥ 1: a softmax per sample
     else:
         u = half_row_max.mul_(scale).exp_()  # (B,) u₀ = exp(m_row/ε) in [0, 1]
-        v, r = _scaling_vectors(e, u, iterations, gather, rows)
+        v, r, v_min = _scaling_vectors(e, u, iterations, gather, rows)
+        exact = v_min >= torch.finfo(dtype).tiny ** 0.5  # the same on all ranks
         if gather:  # a rank's NaN reaches every rank's v through the all-reduce
             finite = finite & torch.isfinite(v).all()
     q = e[:rows]
@@ -91,13 +97,77 @@ def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, 
     q.div_(r[:, None])  # Q = Diag(1/(E v)) E Diag(v): each row sums to 1
 
     # One host sync, after all the work is queued; skipped while torch.compile traces.
-    if not _is_compiling() and not bool(finite):
-        raise ValueError(
-            f"sinkhorn: {name} must be finite: NaN and +inf are rejected, and -inf only where every "
-            f"sample{' and every prototype' if iterations > 0 else ''} keeps a finite score "
-            f"(got shapes {[tuple(b.shape) for b in blocks]})"
-        )
-    return q
+    if _is_compiling():
+        return q
+    finite, exact = torch.stack([finite, exact]).tolist()
+    if not finite:
+        raise ValueError(_non_finite_message(blocks, names, iterations))
+    return q if exact else _log_codes(blocks, iterations, epsilon, gather, rows, e)
+
+
+# The stable path's codes are exact while every v (scaled to max 1) is ≥ tiny^½ (2⁻⁶³ in float32):
+# entries of E lost to underflow (< tiny) then change no mass by more than B·K·tiny^½ relatively
+# (c ≥ 1/K, u ≤ 1/min v; r ≥ min v), i.e. 2⁻³⁰ for B·K ≤ 2³³; and v stays above its clamp.
+
+
+def _log_codes(blocks, iterations: int, epsilon: float, gather: bool, rows: int, out):
+    """Exact Sinkhorn in the log domain and in float64, for inputs where v spans beyond the stable
+    path's range (rare: ≥ 5 iterations, small ε, a far prototype); the codes go into ``out``.
+
+    On Y = (S − m_col)/ε, from f₀ = 0: g = −logsumexp_b(Y + f) (K,), f = −logsumexp_k(Y + g) (B,),
+    and Q = softmax_k(Y + g) per row. Y + f or Y + g is rebuilt from the scores at every
+    half-iteration in one float64 (B, K) temporary, so that the potentials' size costs no precision.
+    """
+    x = blocks[0].new_empty(out.shape, dtype=torch.float64)  # (B, K)
+    shift = _column_max(blocks, gather, torch.float64).neg_()  # (K,) −m_col
+
+    def exponents(potential):  # x = Y + potential, potential (B, 1) or (K,)
+        start = 0
+        for b in blocks:
+            torch.add(shift, b, out=x[start : start + b.shape[0]])
+            start += b.shape[0]
+        return x.mul_(1.0 / epsilon).add_(potential)
+
+    f = x.new_zeros(x.shape[0], 1)  # (B, 1) log u₀ = 0 on (S − m_col)/ε
+    for t in range(iterations):
+        g = _neg_logsumexp(exponents(f), 0, gather)  # (1, K)
+        if t < iterations - 1:
+            f = _neg_logsumexp(exponents(g), 1, False)  # (B, 1)
+    q = exponents(g)[:rows]  # (rows, K) logits Y + g
+    q.sub_(q.amax(dim=1, keepdim=True)).exp_()
+    return out[:rows].copy_(q.div_(q.sum(dim=1, keepdim=True)))
+
+
+def _neg_logsumexp(x: torch.Tensor, dim: int, gather: bool) -> torch.Tensor:
+    """−log Σ exp(x) along ``dim``, kept (summed over ranks with ``gather``); overwrites x."""
+    m = x.amax(dim=dim, keepdim=True)
+    if gather:
+        D.all_reduce_max_(m)
+    total = x.sub_(m).exp_().sum(dim=dim, keepdim=True)
+    if gather:
+        D.all_reduce_sum_(total)
+    return total.log_().add_(m).neg_()
+
+
+def _column_max(blocks, gather: bool, dtype) -> torch.Tensor:
+    """m_col (K,): per-prototype maxima over all blocks (and ranks), exact in ``dtype``."""
+    col_max = blocks[0].amax(dim=0).to(dtype)
+    for b in blocks[1:]:
+        col_max = torch.maximum(col_max, b.amax(dim=0).to(dtype))
+    if gather:
+        D.all_reduce_max_(col_max)
+    return col_max
+
+
+def _non_finite_message(blocks, names, iterations: int) -> str:
+    bad = [n for n, b in zip(names, blocks) if bool((b.isnan() | (b == float("inf"))).any())]
+    if bad:
+        return f"sinkhorn: {' and '.join(bad)} must be finite: got NaN or +inf scores"
+    return (
+        f"sinkhorn: {' and '.join(names)} must be finite: -inf is accepted only where every sample"
+        f"{' and every prototype' if iterations > 0 else ''} keeps a finite score "
+        f"(got shapes {[tuple(b.shape) for b in blocks]})"
+    )
 
 
 def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype, out):
@@ -111,12 +181,7 @@ def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dty
     """
     n_rows, n_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
     if shift_prototypes:
-        col_max = blocks[0].amax(dim=0).to(dtype)  # (K,) exact in the input dtype
-        for b in blocks[1:]:
-            col_max = torch.maximum(col_max, b.amax(dim=0).to(dtype))
-        if gather:
-            D.all_reduce_max_(col_max)
-        shift = col_max.mul_(-0.5)
+        shift = _column_max(blocks, gather, dtype).mul_(-0.5)
     else:
         shift = torch.zeros(n_prototypes, dtype=dtype, device=blocks[0].device)
     if out is None and len(blocks) == 1:
@@ -133,22 +198,26 @@ def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dty
 
 
 def _scaling_vectors(e: torch.Tensor, u: torch.Tensor, iterations: int, gather: bool, rows: int):
-    """v (K,) and r = E v (rows,) after ``iterations`` prototype and sample steps from u₀ (B,).
+    """v (K,), r = E v (rows,) after ``iterations`` prototype and sample steps from u₀ (B,), and
+    the smallest v met before clamping (0-dim).
 
     v is rescaled to max 1 and clamped at tiny ** 0.8 (≈ 4.5e-31 in float32): with a 1 in every
     row and column of E, r ≥ floor, u = 1/r ≤ 1/floor and c = Eᵀu ∈ [min u, B/floor] stay finite.
     """
     floor = torch.finfo(e.dtype).tiny ** 0.8
+    spans = []
     for t in range(iterations):
         # Prototype step, "each prototype receives mass 1/K": v ∝ 1/(Eᵀu).
         c = _prototype_mass(e, u)  # (K,) ≥ min u > 0 thanks to each column's 1
         if gather:
             D.all_reduce_sum_(c)
-        v = torch.div(c.amin(), c).clamp_(min=floor)  # (K,) in [floor, 1], the same on all ranks
+        low, high = torch.aminmax(c)
+        spans.append(low / high)  # min v
+        v = torch.div(low, c).clamp_(min=floor)  # (K,) in [floor, 1], the same on all ranks
         # Sample step, "each sample receives mass 1/B": u ∝ 1/(E v); the last one is the output's.
         if t < iterations - 1:
             u = _sample_mass(e, v).reciprocal_()  # (B,) in [1/K, 1/floor] thanks to each row's 1
-    return v, _sample_mass(e[:rows], v)
+    return v, _sample_mass(e[:rows], v), torch.stack(spans).amin()
 
 
 # CPU matrix-vector products as batched products over row blocks: MKL runs a matrix-vector product on

@@ -4,17 +4,21 @@ import pytest
 import torch
 
 from distributed_utils import run_distributed
-from oracles import assert_matches_oracle, cosine_scores, make_crops, per_pair_oracle, textbook_fp64
+from oracles import (assert_matches_oracle, cosine_scores, exact_fp64, far_pair_scores, make_crops, per_pair_oracle,
+                     textbook_fp64)
 from swav_core import SwaVLoss, sinkhorn
 
 # ---- torch.compile ------------------------------------------------------------------------------
 
 
 def test_compile_fullgraph_matches_eager(device):
-    """One small shape (compiling takes ~20 s on a CPU): no graph break, same codes as eager."""
+    """One small shape (compiling takes ~20 s on a CPU): no graph break, same codes as eager, also
+    once a second ε makes the compiler treat ε as a symbolic float."""
     compiled = torch.compile(sinkhorn, fullgraph=True)
     scores = cosine_scores(24, 10, device)
-    torch.testing.assert_close(compiled(scores, 3, 0.05), sinkhorn(scores, 3, 0.05), rtol=1e-5, atol=1e-9)
+    for epsilon in (0.05, 0.1):
+        expected = sinkhorn(scores, 3, epsilon)
+        torch.testing.assert_close(compiled(scores, 3, epsilon), expected, rtol=1e-5, atol=1e-9)
 
 
 def test_compile_matches_eager(device):
@@ -52,6 +56,22 @@ def test_gathered_equals_single_process_on_concatenation(sizes):
         torch.testing.assert_close(gathered, sinkhorn(scores, iterations, epsilon), rtol=1e-5, atol=1e-12)
         if iterations:
             assert_matches_oracle(gathered, textbook_fp64(scores, iterations, epsilon))
+
+
+def _gathered_far_pair_codes(rank, world_size, scores, sizes):
+    start = sum(sizes[:rank])
+    return sinkhorn(scores[start : start + sizes[rank]], 30, 0.01, gather_distributed=True)
+
+
+@pytest.mark.distributed
+def test_gathered_log_domain_fallback_equals_single_process():
+    """When v spans beyond float32 (30 rounds at ε = 0.01, a far prototype), every rank hands over
+    to the log-domain Sinkhorn together and still gets its rows of the concatenation's codes."""
+    sizes = (2, 4)
+    scores = far_pair_scores(batch=sum(sizes), prototypes=64)  # hands over from ~25 rounds
+    gathered = torch.cat(run_distributed(_gathered_far_pair_codes, 2, scores, sizes))
+    assert_matches_oracle(gathered, exact_fp64(scores, 30, 0.01))
+    torch.testing.assert_close(gathered, sinkhorn(scores, 30, 0.01), rtol=1e-5, atol=1e-12)
 
 
 def test_gather_without_process_group_is_single_process(device):

@@ -192,11 +192,30 @@ def test_bad_hyper_parameters_raise(kwargs, match):
         SwaVLoss(**kwargs)
 
 
-def test_non_finite_scores_raise(device):
+@pytest.mark.parametrize(
+    "where, value, match",
+    [
+        ("high", float("nan"), r"sinkhorn: high_resolution_outputs\[1\] must be finite: got NaN"),
+        ("queue", float("nan"), r"sinkhorn: queue_outputs\[1\] must be finite: got NaN or \+inf"),
+        ("high", float("-inf"), r"SwaVLoss: high_resolution_outputs\[1\] must be finite: its NaN or ±inf"),
+        ("low", float("nan"), r"SwaVLoss: low_resolution_outputs\[1\] must be finite"),
+        ("low", float("inf"), r"SwaVLoss: low_resolution_outputs\[1\] must be finite"),
+        ("low", float("-inf"), r"SwaVLoss: low_resolution_outputs\[1\] must be finite"),
+    ],
+)
+def test_non_finite_scores_raise_naming_the_argument(device, where, value, match):
+    """No NaN or inf loss is passed on: the codes' scores are checked by sinkhorn, the predictions
+    through the loss value (an isolated -inf is a valid score for the codes, not a prediction)."""
+    high, low, queue = make_crops(2, 2, 4, 5, [6, 6], 0, device)
+    {"high": high, "low": low, "queue": queue}[where][1][1, 2] = value
+    with pytest.raises(ValueError, match=match):
+        SwaVLoss()(high, low, queue)
+
+
+def test_overflowing_temperature_raises(device):
     high, low, _ = make_crops(2, 2, 4, 5, None, 0, device)
-    high[1][0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"high_resolution_outputs\[1\] must be finite"):
-        SwaVLoss()(high, low)
+    with pytest.raises(ValueError, match=r"temperature=1e-39 overflow"):
+        SwaVLoss(temperature=1e-39)(high, low)
 
 
 def test_defaults_and_repr():

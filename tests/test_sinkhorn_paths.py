@@ -7,22 +7,17 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from oracles import assert_matches_oracle, cosine_scores, exact_fp64
+from oracles import assert_matches_oracle, cosine_scores, exact_fp64, far_pair_scores
 from strategies import score_matrices
 
 sinkhorn_module = importlib.import_module("swav_core.sinkhorn")  # swav_core.sinkhorn is the function
+paths_module = importlib.import_module("swav_core.sinkhorn_paths")
 
 
 def fast_codes(scores, iterations=3, epsilon=0.05, rows=None):
     """The fast path alone: (codes, accepted)."""
     rows = len(scores) if rows is None else rows
     return sinkhorn_module._fast_codes([scores], iterations, epsilon, torch.float32, rows, None)
-
-
-def exponent_rtol(scores, epsilon):
-    """Per element, the fp32 rounding of the exponent, |x|·2⁻²⁴ with |x| ≤ 2·max|S|/ε, bounds the
-    relative error of either path (as in test_sinkhorn's exact-Sinkhorn test)."""
-    return 1e-5 + 8 * scores.abs().max().item() / epsilon * 2.0**-24
 
 
 @pytest.mark.parametrize("epsilon", [0.02, 0.05, 0.1])
@@ -57,24 +52,66 @@ def test_fast_path_rejects_and_the_stable_path_answers(device, monkeypatch, case
             sinkhorn_module.sinkhorn(scores, 3, 1e-3)
     else:
         q = sinkhorn_module.sinkhorn(scores, 3, 1e-3)
-        assert_matches_oracle(q, exact_fp64(scores, 3, 1e-3), rtol=exponent_rtol(scores, 1e-3), fro=1e-4)
+        assert_matches_oracle(q, exact_fp64(scores, 3, 1e-3))
     assert stable_calls == [1]
 
 
 @settings(max_examples=60)
 @given(
-    scores=score_matrices(max_abs=32.0),
-    iterations=st.integers(1, 6),
-    epsilon=st.sampled_from([1e-3, 0.01, 0.05, 0.3]),
+    scores=score_matrices(max_batch=40, max_prototypes=40),
+    iterations=st.integers(1, 8),
+    inverse_epsilon=st.integers(10, 130),
+    data=st.data(),
 )
-@example(scores=torch.tensor([[-18.5195, 3.0], [2.0, 1.0]]), iterations=1, epsilon=0.01)  # rejected
-@example(scores=torch.tensor([[-9.0, 9.0], [9.0, 9.0], [-9.0, -9.0]]), iterations=3, epsilon=0.3)
-def test_fast_path_guard_is_sound(device, scores, iterations, epsilon):
-    """Under- or overflow in E = exp(S/ε) can only cost precision where the guard rejects; and it
-    accepts whenever |S|/ε ≤ 30 (then every mass lies in [e⁻³⁰, n·e³⁰], within its bounds)."""
-    q, accepted = fast_codes(scores.to(device), iterations, epsilon)
+@example(scores=torch.tensor([[-0.5787, 0.1172], [0.0781, 0.0391]]), iterations=1, inverse_epsilon=32,
+         data=None)  # rejected: the first sample's masses underflow
+@example(scores=torch.tensor([[-0.3, 0.3], [0.3, 0.3], [-0.3, -0.3]]), iterations=3, inverse_epsilon=100,
+         data=None)  # accepted at |S|/ε = 30
+def test_fast_path_guard_is_sound(device, scores, iterations, inverse_epsilon, data):
+    """|S|/ε up to 390, where exp(S/ε) under- and overflows float32 about as often as not: whenever
+    the guard accepts, the codes (also of the first ``rows`` samples only, as the loss asks for)
+    are exact Sinkhorn's; and it accepts whenever |S|/ε ≤ 30 (every mass then lies in [e⁻³⁰, n·e³⁰])."""
+    epsilon = 1.0 / inverse_epsilon
+    rows = len(scores) if data is None else data.draw(st.integers(1, len(scores)), label="rows")
+    q, accepted = fast_codes(scores.to(device), iterations, epsilon, rows)
     if scores.abs().max().item() / epsilon <= 30:
         assert accepted
     if accepted:
-        rtol = exponent_rtol(scores, epsilon)
-        assert_matches_oracle(q, exact_fp64(scores, iterations, epsilon), rtol=rtol, fro=rtol)
+        assert_matches_oracle(q, exact_fp64(scores, iterations, epsilon)[:rows])
+
+
+def test_fast_path_guard_decides_both_ways_across_float32s_range(device):
+    """The soundness test above is not vacuous: over scores whose exponents |S|/ε run from 10 to
+    390, across float32's exp range (≈ 88), the guard keeps many fast results, each equal to exact
+    Sinkhorn, and rejects many."""
+    accepted = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        batch, prototypes = 8 + seed, 50 - seed
+        scores = torch.rand(batch, prototypes, generator=g) * 2 - 1
+        scores[:, seed % prototypes] -= seed % 3  # sometimes a far prototype
+        epsilon = 1.0 / (10 + 3 * seed)  # |S|/ε from 10 to 390
+        q, ok = fast_codes(scores.to(device), 3, epsilon)
+        if ok:
+            accepted += 1
+            assert_matches_oracle(q, exact_fp64(scores, 3, epsilon))
+    assert 10 <= accepted <= 30  # 17 of 40
+
+
+def test_stable_path_hands_over_to_log_domain_only_beyond_its_range(device, monkeypatch):
+    """v spanning more than float32 can scale (a far prototype after many rounds at small ε) sends
+    the stable path's codes to the exact log-domain Sinkhorn; ordinary calls never go there."""
+    calls = []
+    log_codes = paths_module._log_codes
+    monkeypatch.setattr(paths_module, "_log_codes", lambda *a: calls.append(1) or log_codes(*a))
+    monkeypatch.setattr(sinkhorn_module, "_FAST_PATH", {"cpu": False, "cuda": False})
+    scores = far_pair_scores().to(device)
+    for iterations, handed_over in [(10, False), (30, True)]:
+        calls.clear()
+        q = sinkhorn_module.sinkhorn(scores, iterations, 0.01)
+        assert calls == ([1] if handed_over else [])
+        assert_matches_oracle(q, exact_fp64(scores, iterations, 0.01))
+    for batch in (256, 4096):  # SwAV's shapes and ε
+        calls.clear()
+        sinkhorn_module.sinkhorn(cosine_scores(batch, 3000, device, seed=batch), 3, 0.01)
+        assert calls == []
