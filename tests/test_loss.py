@@ -173,9 +173,12 @@ def _crops(n, batch=4, k=5):
         (([[], []], []), "at least one prototype head"),
     ],
 )
-def test_bad_inputs_raise(args, match):
+def test_bad_inputs_raise(device, args, match):
+    def to(x):  # the same nested arguments on the device
+        return x.to(device) if isinstance(x, torch.Tensor) else [to(y) for y in x] if isinstance(x, list) else x
+
     with pytest.raises(ValueError, match=match):
-        SwaVLoss()(*args)
+        SwaVLoss()(*to(list(args)))
 
 
 @pytest.mark.parametrize(

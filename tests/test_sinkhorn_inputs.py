@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
         (dict(epsilon=1e-300), r"epsilon=1e-300 is too small for torch.float32"),  # 2/ε overflows
     ],
 )
-def test_bad_hyper_parameters_raise(kwargs, match):
+def test_bad_hyper_parameters_raise(device, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        sinkhorn(torch.randn(4, 3), **kwargs)
+        sinkhorn(torch.randn(4, 3, device=device), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -33,9 +33,9 @@ def test_bad_hyper_parameters_raise(kwargs, match):
      torch.ones(3, 2, dtype=torch.long)],
     ids=["list", "1d", "3d", "no-samples", "no-prototypes", "int"],
 )
-def test_bad_scores_raise(scores):
+def test_bad_scores_raise(device, scores):
     with pytest.raises(ValueError, match="probabilities"):
-        sinkhorn(scores)
+        sinkhorn(scores.to(device) if isinstance(scores, torch.Tensor) else scores)
 
 
 @pytest.mark.parametrize("iterations", [0, 3])
