@@ -5,29 +5,11 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._checks import _flag, _int_at_least, _positive_int
+
 __all__ = ["SwaVProjectionHead", "SwaVPrototypes"]
 
 _NORM_EPS = 1e-12
-
-
-def _int_at_least(name: str, value, low: int) -> int:
-    """``value`` as an int ≥ ``low`` (a Python or NumPy integer, not a bool), else a ValueError."""
-    is_int = not isinstance(value, bool) and hasattr(type(value), "__index__")
-    if not is_int or operator.index(value) < low:
-        kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return operator.index(value)
-
-
-def _flag(name: str, value) -> bool:
-    """``value`` as a bool (True, False, 1 or 0), else a ValueError: a string like "no" is not False."""
-    if not isinstance(value, (bool, int)) or value not in (0, 1):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
-def _positive_int(name: str, value) -> int:
-    return _int_at_least(name, value, 1)
 
 
 def _check_features(x: torch.Tensor, dim: int, what: str) -> None:

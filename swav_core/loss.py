@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import _flag
 from .sinkhorn import _check_hyper, _is_compiling, _sinkhorn
 
 __all__ = ["SwaVLoss"]
@@ -61,7 +62,7 @@ class SwaVLoss(nn.Module):
         self.temperature = float(temperature)
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.sinkhorn_epsilon = float(sinkhorn_epsilon)
-        self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
+        self.sinkhorn_gather_distributed = _flag("sinkhorn_gather_distributed", sinkhorn_gather_distributed)
         # Sinkhorn's (B + N, K) work buffer, kept between calls on the CPU: a fresh allocation of that
         # size is a fresh mmap whose page faults cost a third of the whole Sinkhorn call. Scratch only
         # (codes are copied out of it), so it is neither state nor a buffer.

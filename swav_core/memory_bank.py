@@ -5,6 +5,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ._checks import _flag
 from .distributed import all_gather_cat
 
 __all__ = ["MemoryBankModule"]
@@ -56,8 +57,8 @@ class MemoryBankModule(nn.Module):
         super().__init__()
         length, dim = _parse_size(size)
         self.size = size if isinstance(size, int) else (length, dim)
-        self.gather_distributed = bool(gather_distributed)
-        self.feature_dim_first = bool(feature_dim_first)
+        self.gather_distributed = _flag("gather_distributed", gather_distributed)
+        self.feature_dim_first = _flag("feature_dim_first", feature_dim_first)
         self._fixed_dim = dim is not None
         with torch.inference_mode(False):  # see _new_bank
             self._bank = torch.zeros(length, dim or 0)  # (length, D); (length, 0) until D is known

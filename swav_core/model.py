@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import SwaVProjectionHead, SwaVPrototypes, _check_step, _flag, _int_at_least
+from ._checks import _flag, _int_at_least
+from .heads import SwaVProjectionHead, SwaVPrototypes, _check_step
 from .memory_bank import MemoryBankModule
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head

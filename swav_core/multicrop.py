@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ._checks import _flag
+
 __all__ = ["MultiCrop"]
 
 Size = Union[int, Sequence[int]]
@@ -134,9 +136,9 @@ class MultiCrop:
         self.n_high, self.n_low = n_high, n_low
         self.high_scale = _check_scale("high_scale", high_scale)
         self.low_scale = _check_scale("low_scale", low_scale)
-        self.flip = bool(flip)
+        self.flip = _flag("flip", flip)
         self.intensity = float(intensity)
-        self.scale_per_side = bool(scale_per_side)
+        self.scale_per_side = _flag("scale_per_side", scale_per_side)
 
     @classmethod
     def fair_2d(cls, **kwargs) -> "MultiCrop":

@@ -1,4 +1,4 @@
-"""Arguments of SwaV and its heads: integers, flags, the step, the epoch and the crop lists are
+"""Arguments of SwaV, its heads and the other modules: integers, flags, the step, the epoch and the crop lists are
 checked before anything runs, with errors that name the argument and the value received."""
 import copy
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models import backbone_2d, crops_2d
-from swav_core import SwaV, SwaVProjectionHead, SwaVPrototypes
+from swav_core import MemoryBankModule, MultiCrop, SwaV, SwaVLoss, SwaVProjectionHead, SwaVPrototypes
 
 
 class Index:
@@ -87,3 +87,19 @@ def test_extra_repr():
     text = repr(SwaVPrototypes(16, [30, 10], n_steps_frozen_prototypes=7, bias=True))
     assert "input_dim=16, n_prototypes=[30, 10], n_steps_frozen_prototypes=7, bias=True" in text
     assert "input_dim=8, hidden_dim=6, output_dim=4" in repr(SwaVProjectionHead(8, 6, 4))
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: MultiCrop(8, 4, flip="no"), "flip"),
+        (lambda: MultiCrop(8, 4, scale_per_side="yes"), "scale_per_side"),
+        (lambda: MemoryBankModule(4, gather_distributed="no"), "gather_distributed"),
+        (lambda: MemoryBankModule(4, feature_dim_first=2), "feature_dim_first"),
+        (lambda: SwaVLoss(sinkhorn_gather_distributed="no"), "sinkhorn_gather_distributed"),
+    ],
+)
+def test_flags_must_be_bools(make, name):
+    """A string such as "no" is truthy: every on/off argument takes a bool (or 0 / 1) only."""
+    with pytest.raises(ValueError, match=f"{name} must be a bool, got"):
+        make()
