@@ -1,5 +1,8 @@
 """Argument checks shared by the modules: a clear ValueError naming the argument and the value."""
 import operator
+from typing import Optional, Tuple
+
+import torch
 
 
 def _int_at_least(name: str, value, low: int) -> int:
@@ -20,3 +23,33 @@ def _flag(name: str, value) -> bool:
 
 def _positive_int(name: str, value) -> int:
     return _int_at_least(name, value, 1)
+
+
+def _parse_size(size) -> Tuple[int, Optional[int]]:
+    """``size`` → (length, D or None), with a ValueError for anything else."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(size):
+        if size < 0:
+            raise ValueError(f"size must be a non-negative int or (length, dim), got {size!r}")
+        return size, None
+    if isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(map(is_int, size)):
+        length, dim = size
+        if length >= 0 and dim > 0:
+            return length, dim
+    raise ValueError(
+        f"size must be a non-negative int (length) or a pair (length >= 0, dim > 0) of ints, got {size!r}"
+    )
+
+
+def _counter_error(prefix: str, name: str, value, top: int, length: int) -> Optional[str]:
+    """Why ``value`` is not a valid queue counter (a 0-dim integer tensor in [0, top]), or None."""
+    is_tensor = isinstance(value, torch.Tensor)
+    integer = is_tensor and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    if not (integer and value.ndim == 0):
+        got = f"shape {tuple(value.shape)}, dtype {value.dtype}" if is_tensor else type(value).__name__
+        return f"{prefix}{name} must be a 0-dim integer tensor, got {value!r} ({got})"
+    if not 0 <= int(value) <= top:
+        return f"{prefix}{name}={int(value)} is out of range: expected 0..{top} (queue length {length})"
+    return None
