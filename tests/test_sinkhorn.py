@@ -73,22 +73,26 @@ def test_iterations_zero_is_per_sample_softmax(device):
         assert_matches_oracle(sinkhorn(scores, 0, eps), expected)
 
 
+SLOW_2X2 = torch.tensor([[-0.3174, 0.6523], [0.4111, -0.2939]])
 SLOW_3X3 = torch.tensor([[0.3926, -0.0078, 0.3828], [-0.875, 0.5156, -0.3867], [0.8242, -0.4062, -0.582]])
 
 
 @settings(max_examples=20)
 @given(scores=score_matrices(max_batch=16, max_prototypes=16), epsilon=st.floats(0.1, 1.0))
 @example(scores=SLOW_3X3, epsilon=0.125)  # converges slowly: 2e-4 off after 300 iterations
+@example(scores=SLOW_2X2, epsilon=0.1015625)  # slower still: 6.8e-4 → 4.3e-4 in 300 iterations
 def test_prototype_marginals_approach_b_over_k(device, scores, epsilon):
-    """The prototype marginals (column sums; rows sum to 1) move monotonically towards B/K (in
-    float64, exactly; the ℓ1 violation of Sinkhorn never grows) and are at B/K in the limit."""
+    """The prototype marginals (column sums; rows sum to 1) move monotonically and strictly towards
+    B/K (in float64, exactly; the ℓ1 violation of Sinkhorn never grows). How fast depends on the
+    scores (SLOW_2X2 is still 4.3e-4 off after 300 rounds, as in the fp64 textbook); that they reach
+    B/K is the next test's."""
     batch, prototypes = scores.shape
     errors = []
     for iterations in (1, 2, 3, 10, 30, 100, 300):
         q = sinkhorn(scores.to(device, torch.float64), iterations, epsilon)
         errors.append((q.sum(dim=0) - batch / prototypes).abs().sum().item() / batch)
     assert all(later <= earlier + 1e-12 for earlier, later in zip(errors, errors[1:]))
-    assert errors[-1] < 0.5 * errors[0] or errors[0] < 1e-12
+    assert errors[-1] < errors[0] or errors[0] < 1e-12
 
 
 def test_prototype_marginals_converge(device):
