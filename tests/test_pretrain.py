@@ -104,16 +104,21 @@ def test_a_short_run_learns_features_that_beat_random_initialisation(tmp_path):
     assert metrics["loss_last"] < metrics["loss_first"]
 
 
-def test_resume_refuses_other_options_and_missing_checkpoints(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        _job(tmp_path, "--steps", "4", "--resume")
+def test_resume_refuses_other_options_and_missing_checkpoints(tmp_path, capsys):
+    """Each refusal is argparse's ``error:`` line with exit code 2, naming the option and values."""
+    def refused(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            _job(tmp_path, *args)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "no checkpoint at" in refused("--steps", "4", "--resume")
     assert _job(tmp_path, "--steps", "8", "--stop-at", "2") == 0
-    with pytest.raises(ValueError, match="--prototypes was 10, now 12"):
-        main(["--out", str(tmp_path), *TINY, "--steps", "8", "--resume", "--prototypes", "12"])
-    with pytest.raises(ValueError, match="--stop-at 2 but the checkpoint is already at step 2"):
-        _job(tmp_path, "--steps", "8", "--resume", "--stop-at", "2")
-    with pytest.raises(ValueError, match="beyond --steps"):
-        _job(tmp_path, "--steps", "8", "--stop-at", "9")
+    assert "--prototypes was 10, now 12" in refused("--steps", "8", "--resume", "--prototypes", "12")
+    assert "--stop-at 2 but the checkpoint is already at step 2" in refused("--steps", "8", "--resume", "--stop-at", "2")
+    assert "--stop-at 9 is beyond --steps 8" in refused("--steps", "8", "--stop-at", "9")
+    assert "--steps 1 but the checkpoint is already at step 2" in refused("--steps", "1", "--resume")
+    assert not (tmp_path / "metrics.json").exists() and _ckpt(tmp_path)["step"] == 2
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):

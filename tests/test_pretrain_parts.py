@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swav_core.pretrain.cli import UsageError
 from swav_core.pretrain.data import batch_indices, load_folder
 from swav_core.pretrain.knn import knn_top1
 from swav_core.pretrain.synthetic import CLASSES_2D, CLASSES_3D, synthetic2d, synthetic3d
@@ -47,9 +48,9 @@ def test_folder_of_pt_and_npy_files(tmp_path):
 
 
 def test_folder_errors_name_the_path_and_shapes(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(UsageError, match="nowhere"):
         load_folder(str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="no .pt or .npy files"):
+    with pytest.raises(UsageError, match="no .pt or .npy files"):
         load_folder(str(tmp_path))
     torch.save(torch.zeros(1, 4, 4), tmp_path / "a.pt")
     torch.save(torch.zeros(1, 4, 5), tmp_path / "b.pt")
@@ -103,8 +104,35 @@ def test_knn_matches_a_brute_force_weighted_vote(n, m, k, seed):
         knn_top1(bank, yb, queries, yq, k=n + 1)
 
 
+def _lr_uncapped(step, steps, base, warmup):  # the schedule before warm-up was capped at steps // 2
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     lrs = [lr_at(s, 100, 0.5, 10) for s in range(100)]
     assert lrs[:10] == pytest.approx([0.05 * (s + 1) for s in range(10)])
     assert lrs[10] == 0.5 and all(a > b for a, b in zip(lrs[10:], lrs[11:])) and 0 < lrs[-1] < 1e-3
     assert lr_at(55, 100, 0.5, 10) == pytest.approx(0.25)
+
+
+@given(steps=st.integers(1, 200), warmup=st.integers(0, 60))
+def test_warm_up_is_capped_at_half_the_schedule(steps, warmup):
+    """Runs of at least 2 × warm-up steps keep the exact schedule (the default 1000/20 included);
+    shorter ones warm up for steps // 2 and still decay: the lr peaks once, then never rises."""
+    lrs = [lr_at(s, steps, 1.0, warmup) for s in range(steps)]
+    if steps >= 2 * warmup:
+        assert lrs == [_lr_uncapped(s, steps, 1.0, warmup) for s in range(steps)]
+    peak = lrs.index(max(lrs))
+    assert peak <= steps // 2 and max(lrs) == 1.0
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    if steps >= 3 and warmup >= 1:
+        assert lrs[-1] < 1.0
+
+
+def test_a_run_shorter_than_its_warm_up_ends_decayed():
+    """The README's torchrun example: --steps 20 with the default 20 warm-up steps used to end at the peak."""
+    lrs = [lr_at(s, 20, 2e-3, 20) for s in range(20)]
+    assert lrs[9] == 2e-3 and lrs[-1] < 0.05 * 2e-3

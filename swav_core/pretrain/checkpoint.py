@@ -4,20 +4,28 @@
 
 - ``model``: the SwaV state_dict of rank 0 (queues and their counters included);
 - ``model_per_rank``: every rank's SwaV state_dict, in rank order (each rank has its own queues);
-- ``optimizer``: the AdamW state_dict; ``step``: optimisation steps completed;
-- ``rng``: the torch CPU (and CUDA) generator states of every rank. The data order and the crops
-  are pure functions of (seed, step, rank), so ``step`` is their whole state;
+- ``optimizer``: the optimizer's state_dict (AdamW, or SGD with ``--optimizer sgd``);
+- ``step``: optimisation steps completed;
+- ``rng``: every rank's global torch CPU (and CUDA) generator state, seeded from ``--seed`` at the
+  start of a run and restored on resume. The data order and the crops are pure functions of
+  (seed, step, rank), so ``step`` is their whole state;
 - ``loss_window_per_rank``: each rank's losses since the last log row, so that a resumed run logs
   the same rows as an uninterrupted one;
-- ``config``, ``world_size``, ``loss_first``, ``seconds`` (training time so far).
+- ``config`` (the options, data defaults filled in), ``world_size``, ``loss_first``, ``loss_last``,
+  ``seconds`` (training time so far) and ``torch`` (the version string that wrote it).
+
+It holds only tensors, containers and plain values, so :func:`load` reads it with ``weights_only=True``.
 """
+import contextlib
 import os
 from typing import Any, Dict, List
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from .. import distributed as D
+from .cli import UsageError
 
 __all__ = ["save", "load", "gather", "check_config", "rng_state", "set_rng_state"]
 
@@ -70,16 +78,28 @@ def save(path: str, ckpt: Dict[str, Any]) -> None:
 
 
 def load(path: str) -> Dict[str, Any]:
+    """Read ``path`` on the CPU; a missing or unreadable file is a :class:`UsageError` naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run once without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise UsageError(f"--resume: no checkpoint at {path}; run once without --resume first")
+    # Checkpoints written before the version was saved as a str hold a TorchVersion (torch >= 2.5 API).
+    allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())([TorchVersion])
+    try:
+        with allow:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}); "
+                         f"expected a checkpoint.pt written by this job") from e
+    keys = {"model_per_rank", "optimizer", "step", "rng", "config", "world_size"}
+    if not isinstance(ckpt, dict) or not keys <= ckpt.keys():
+        raise UsageError(f"--resume: {path} is not a checkpoint of this job (expected a dict with {sorted(keys)})")
+    return ckpt
 
 
 def check_config(saved: Dict[str, Any], current: Dict[str, Any], saved_world: int, world: int) -> None:
-    """Raise ValueError when the resumed run would not continue the saved one."""
+    """Raise :class:`UsageError` when the resumed run would not continue the saved one."""
     diff = {k: (saved.get(k), v) for k, v in current.items() if k not in RUN_ONLY and saved.get(k) != v}
     if diff:
         lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"--resume with different options than the checkpoint: {lines}; pass the original options")
+        raise UsageError(f"--resume with different options than the checkpoint: {lines}; pass the original options")
     if saved_world != world:
-        raise ValueError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has {world}")
+        raise UsageError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has {world}")

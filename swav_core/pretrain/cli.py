@@ -1,9 +1,11 @@
 """Command line of ``python -m swav_core.pretrain``: options, their defaults and help."""
 import argparse
+import math
+import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-__all__ = ["build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "check_args", "main"]
 
 DESCRIPTION = """\
 Pretrain a small CNN with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate its
@@ -36,26 +38,54 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+class UsageError(ValueError):
+    """Bad input to the job (an option, the data, the checkpoint): :func:`main` reports it as argparse
+    does, one ``error:`` line and exit code 2, instead of a traceback. Messages name the option and value."""
+
+
+def _int_at_least(lo: int, why: str = ""):
+    """An argparse type: an int ≥ ``lo``; the error names the bound (argparse adds the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lo}{why}, got {text!r}")
+        return value
+    parse.__name__ = f"int >= {lo}"
+    return parse
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text}")
-    return value
-
-
-def _scale(text: str):
+def _scale(text: str) -> Tuple[float, float]:
     try:
         lo, hi = (float(t) for t in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.3,1), got {text!r}") from None
+        lo = hi = math.nan
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI <= 1 (e.g. 0.3,1), got {text!r}")
     return lo, hi
+
+
+def _widths(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(_positive(w) for w in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive ints separated by commas (e.g. 16,32,64), got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape")
     run.add_argument("--steps", type=_positive, default=1000,
                      help="length of the whole schedule in optimisation steps (also when resuming)")
-    run.add_argument("--batch-size", type=_positive, default=None,
-                     help="samples per step and process, B (default: 64 for 2D data, 32 for 3D)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the data, the initialisation and every crop")
+    run.add_argument("--batch-size", type=_int_at_least(2, " (BatchNorm needs 2 samples per step)"), default=None,
+                     help="samples per step and process, B >= 2 (default: 64 for 2D data, 32 for 3D)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the data, the initialisation, every crop and torch's global RNG (per rank)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     run.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass and loss")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt up to --steps")
@@ -86,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rows of each high-resolution crop's feature queue; 0 disables the queue")
     swav.add_argument("--freeze-prototypes-steps", type=_non_negative, default=20,
                       help="optimisation steps during which the prototypes do not train")
-    swav.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropy ε")
+    swav.add_argument("--epsilon", type=_positive_float, default=0.05, help="Sinkhorn entropy ε")
     swav.add_argument("--sinkhorn-iterations", type=_non_negative, default=3, help="Sinkhorn iterations")
-    swav.add_argument("--temperature", type=float, default=0.2,
+    swav.add_argument("--temperature", type=_positive_float, default=0.2,
                       help="softmax temperature τ of the loss (paper: 0.1; 0.2 suits this job's small K and D)")
     swav.add_argument("--group-crops-by-resolution", action="store_true",
                       help="FAIR's multi-crop forward: one backbone call per resolution instead of per crop")
@@ -103,22 +134,47 @@ def build_parser() -> argparse.ArgumentParser:
     crops.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW, or SGD with momentum 0.9")
     crops.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
     crops.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    crops.add_argument("--warmup-steps", type=_non_negative, default=20, help="linear warm-up steps")
-    crops.add_argument("--widths", type=lambda t: tuple(_positive(w) for w in t.split(",")), default=None,
+    crops.add_argument("--warmup-steps", type=_non_negative, default=20,
+                       help="linear warm-up steps, at most half of --steps (a shorter run warms up for "
+                            "steps // 2, so its lr still decays)")
+    crops.add_argument("--widths", type=_widths, default=None,
                        help="channels of the CNN's stages, comma-separated (default: 16,32,64,128 for 2D, 8,16,32,64 for 3D)")
     crops.add_argument("--n-train", type=_positive, default=None,
                        help="synthetic training samples (default: 4096 for 2D, 1536 for 3D)")
     crops.add_argument("--n-test", type=_positive, default=1024, help="held-out synthetic samples for the k-NN evaluation")
-    crops.add_argument("--knn-k", type=_positive, default=20, help="neighbours of the k-NN evaluation")
+    crops.add_argument("--knn-k", type=_positive, default=20,
+                       help="neighbours of the k-NN evaluation, at most the number of training samples")
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The checks that need neither the data nor the checkpoint; raise :class:`UsageError`."""
+    import torch
+
+    if args.stop_at is not None and args.stop_at > args.steps:
+        raise UsageError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file, expected a folder (or a path to create one)")
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    if args.resume and not os.path.isfile(checkpoint):
+        raise UsageError(f"--resume: no checkpoint at {checkpoint}; run once without --resume first")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the job, return the process exit code."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the job, return the process exit code.
+
+    Bad input (:class:`UsageError`) exits with argparse's ``error:`` line and code 2.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .train import run  # the heavy imports only once the arguments parse
 
-    args = build_parser().parse_args(argv)
-    return run(args)
+    try:
+        return run(args)
+    except UsageError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .cli import UsageError
 from .synthetic import synthetic2d, synthetic3d
 
 __all__ = ["Data", "load_data", "load_folder", "batch_indices", "derive_seed"]
@@ -47,15 +48,24 @@ def load_data(spec: str, seed: int, n_train: Optional[int] = None, n_test: int =
 
 
 def _read(path: str) -> torch.Tensor:
+    """One sample; a file that cannot be read is a :class:`UsageError` naming it (no unpickling advice)."""
     if path.endswith(".npy"):
         try:
             import numpy as np  # optional, only for .npy folders
         except ImportError as e:
-            raise ImportError(f"reading {path} needs numpy; install it or save the arrays as .pt") from e
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    x = torch.load(path, map_location="cpu", weights_only=True)
+            raise UsageError(f"--data: reading {path} needs numpy; install it or save the arrays as .pt") from e
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except Exception as e:
+            raise UsageError(f"--data: cannot read {path} ({type(e).__name__}); expected one array saved "
+                             f"with numpy.save, of a numeric dtype") from e
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never arbitrary code
+    except Exception as e:
+        raise UsageError(f"--data: cannot read {path} ({type(e).__name__}); expected one tensor saved with "
+                         f"torch.save") from e
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{path} holds a {type(x).__name__}, expected one tensor (C, H, W) or (C, D, H, W)")
+        raise UsageError(f"--data: {path} holds a {type(x).__name__}, expected one tensor (C, H, W) or (C, D, H, W)")
     return x
 
 
@@ -66,19 +76,20 @@ def load_folder(path: str) -> torch.Tensor:
     shape. Files are read in sorted name order; other files are ignored.
     """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--data {path!r}: no such folder (expected synthetic2d, synthetic3d or a folder of .pt/.npy files)")
+        raise UsageError(f"--data {path!r}: no such folder (expected synthetic2d, synthetic3d or a folder of .pt/.npy files)")
     names = sorted(f for f in os.listdir(path) if f.endswith(EXTENSIONS))
     if not names:
-        raise ValueError(f"--data {path!r}: the folder holds no .pt or .npy files")
+        raise UsageError(f"--data {path!r}: the folder holds no .pt or .npy files")
     samples, shapes = [], {}  # type: list, Dict[tuple, str]
     for name in names:
         x = _read(os.path.join(path, name))
         if x.ndim not in (3, 4):
-            raise ValueError(f"{os.path.join(path, name)} has shape {tuple(x.shape)}; expected one sample (C, H, W) or (C, D, H, W)")
+            raise UsageError(f"--data: {os.path.join(path, name)} has shape {tuple(x.shape)}; "
+                             f"expected one sample (C, H, W) or (C, D, H, W)")
         shapes.setdefault(tuple(x.shape), name)
         if len(shapes) > 1:
             (s0, f0), (s1, f1) = list(shapes.items())[:2]
-            raise ValueError(f"--data {path!r}: files have different shapes: {f0} is {s0} but {f1} is {s1}")
+            raise UsageError(f"--data {path!r}: files have different shapes: {f0} is {s0} but {f1} is {s1}")
         samples.append(x.float())
     return torch.stack(samples)
 

@@ -4,7 +4,8 @@ import json
 import os
 from typing import Any, Dict
 
-__all__ = ["LOG_FIELDS", "duration", "progress_line", "reset_log", "append_log", "write_metrics"]
+__all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "reset_log", "append_log",
+           "write_metrics"]
 
 LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed")
 
@@ -20,6 +21,25 @@ def progress_line(step: int, steps: int, loss: float, lr: float, crops_per_s: fl
     w = len(str(steps))
     return (f"step {step:>{w}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{crops_per_s:,.0f} crops/s | ETA {duration(eta_s)}")
+
+
+def crops_text(crops) -> str:
+    """``2x32x32 + 4x16x16 crops`` for a :class:`~swav_core.multicrop.MultiCrop`."""
+    size = lambda s: "x".join(map(str, s))  # noqa: E731
+    return f"{crops.n_high}x{size(crops.high_size)} + {crops.n_low}x{size(crops.low_size)} crops"
+
+
+def summary(m: Dict[str, Any], knn_k: int, checkpoint_path: str) -> str:
+    """The lines printed at the end of the job, from its ``metrics.json`` values ``m``."""
+    lines = [f"done: {m['steps']} steps, {m['seconds']:.1f} s training ({m['crops_per_s']:,.0f} crops/s), "
+             f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}"]
+    if m.get("knn_top1") is not None:
+        lines.append(f"k-NN top-1 (k={knn_k}, {m['knn_test_samples']} held-out samples): "
+                     f"{m['knn_top1']:.3f} pretrained vs {m['knn_top1_random_init']:.3f} at random initialisation")
+    else:
+        lines.append("k-NN evaluation skipped: the data has no labels")
+    lines.append(f"wrote {checkpoint_path}, metrics.json, log.csv")
+    return "\n".join(lines)
 
 
 def reset_log(path: str, keep_until_step: int) -> None:

@@ -5,7 +5,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,7 @@ from ..model import SwaV
 from ..multicrop import MultiCrop
 from . import checkpoint, report
 from .backbones import SmallCNN
+from .cli import UsageError, check_args
 from .data import Data, batch_indices, derive_seed, load_data
 from .evaluate import evaluate
 from .signals import StopRequest
@@ -25,7 +26,12 @@ __all__ = ["run", "lr_at"]
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay towards 0 at ``steps``."""
+    """Linear warm-up over ``min(warmup, steps // 2)`` steps, then cosine decay towards 0 at ``steps``.
+
+    The cap keeps a short run (``steps < 2 * warmup``) from ending at the peak rate; longer runs
+    warm up for exactly ``warmup`` steps.
+    """
+    warmup = min(warmup, steps // 2)
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -33,8 +39,6 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
 
 def _setup_distributed(device_name: str):
     """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); return (device, owns_group)."""
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but torch.cuda.is_available() is False")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else "cpu")
@@ -73,8 +77,7 @@ def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption)."""
-    if args.stop_at is not None and args.stop_at > args.steps:
-        raise ValueError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
+    check_args(args)
     device, owns_group = _setup_distributed(args.device)
     try:
         with StopRequest() as stop:
@@ -93,7 +96,10 @@ class _Progress:
     loss_last: Optional[float] = None
     seconds: float = 0.0  # time spent in training steps, over all sessions of the run
     window: List[float] = field(default_factory=list)  # losses since the last progress line
+    # When, and after which step, this session's current window began: crops/s and the ETA count only
+    # the steps since (after a resume, ``window`` also holds losses from before the interruption).
     window_start: float = field(default_factory=time.perf_counter)
+    window_from: int = 0
 
 
 def _say(*args) -> None:
@@ -111,13 +117,27 @@ def _with_data_defaults(args: argparse.Namespace, data: Data) -> argparse.Namesp
     })
 
 
+def _check_data(args: argparse.Namespace, data: Data) -> None:
+    if data.train_labels is not None and args.knn_k > len(data.train):
+        raise UsageError(f"--knn-k {args.knn_k} but the k-NN bank holds only the {len(data.train)} training samples "
+                         f"(--n-train); lower --knn-k or raise --n-train")
+
+
 def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> int:
-    os.makedirs(args.out, exist_ok=True)
-    paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
     data = load_data(args.data, args.seed, n_train=args.n_train, n_test=args.n_test)
     args = _with_data_defaults(args, data)
+    _check_data(args, data)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {args.out!r}: cannot create the folder ({e.strerror})") from e
+    paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
     config = dict(vars(args))
     crops, model, optimizer, loss_fn = _build(args, data, device)
+    # The job's own steps do not draw from the global RNG (data order and crops have seeded generators
+    # of their own), a user's backbone may (dropout). Seeded per rank after _build, whose seeded
+    # initialisation resets the CUDA generators; --resume then restores the saved states.
+    torch.manual_seed(derive_seed("global", args.seed, D.rank()))
     init_backbone = copy.deepcopy(model.backbone).cpu()  # the random-initialisation baseline
     progress = _resume(args, config, paths["checkpoint.pt"], model, optimizer) if args.resume else _Progress()
     if D.rank() == 0:
@@ -125,8 +145,8 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
     net = DistributedDataParallel(model) if D.world_size() > 1 else model
     end = min(args.steps, args.stop_at or args.steps)
     _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {D.world_size()} process(es) on {device} | "
-         f"B={args.batch_size}/process, {_crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
-    progress.window_start = time.perf_counter()
+         f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
+    progress.window_start, progress.window_from = time.perf_counter(), progress.step
     for step in range(progress.step, end):
         _train_step(args, step, data, crops, net, loss_fn, optimizer, device, progress)
         # Not at --stop-at: a stopped and resumed run logs the same rows as an uninterrupted one.
@@ -148,8 +168,11 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
 def _resume(args, config, path: str, model, optimizer) -> _Progress:
     ckpt = checkpoint.load(path)
     checkpoint.check_config(ckpt["config"], config, ckpt["world_size"], D.world_size())
+    if args.steps < ckpt["step"]:
+        raise UsageError(f"--steps {args.steps} but the checkpoint is already at step {ckpt['step']}; "
+                         f"pass --steps {ckpt['step']} or more")
     if args.stop_at is not None and args.stop_at <= ckpt["step"]:
-        raise ValueError(f"--stop-at {args.stop_at} but the checkpoint is already at step {ckpt['step']}")
+        raise UsageError(f"--stop-at {args.stop_at} but the checkpoint is already at step {ckpt['step']}")
     model.load_state_dict(ckpt["model_per_rank"][D.rank()], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     checkpoint.set_rng_state(ckpt["rng"][D.rank()])
@@ -183,16 +206,17 @@ def _train_step(args, step: int, data: Data, crops: MultiCrop, net, loss_fn, opt
 
 
 def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path: str, device) -> None:
-    """A progress line and a log.csv row: the mean loss over all ranks since the last line."""
-    n = len(progress.window)
-    mean = D.all_reduce_sum_(torch.tensor([sum(progress.window) / n], device=device)).item() / D.world_size()
-    elapsed = time.perf_counter() - progress.window_start
-    cps = n * args.batch_size * (crops.n_high + crops.n_low) * D.world_size() / elapsed
+    """A progress line and a log.csv row: the mean loss over all ranks since the last line; crops/s
+    and the ETA from the steps run in this session since then (see :class:`_Progress`)."""
+    mean = sum(progress.window) / len(progress.window)
+    mean = D.all_reduce_sum_(torch.tensor([mean], device=device)).item() / D.world_size()
+    elapsed, ran = time.perf_counter() - progress.window_start, progress.step - progress.window_from
+    cps = ran * args.batch_size * (crops.n_high + crops.n_low) * D.world_size() / elapsed
     if D.rank() == 0:
-        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * elapsed / n))
+        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * elapsed / ran))
         report.append_log(path, dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
                                      crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}"))
-    progress.window, progress.window_start = [], time.perf_counter()
+    progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
 
 
 def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
@@ -205,7 +229,7 @@ def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
             "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
             "config": config, "world_size": D.world_size(),
             "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         })
     if D.world_size() > 1:
         dist.barrier()
@@ -226,22 +250,6 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         )
         report.write_metrics(path, metrics)
-        _summary(args, metrics)
+        _say(report.summary(metrics, args.knn_k, os.path.join(args.out, "checkpoint.pt")))
     if D.world_size() > 1:
         dist.barrier()
-
-
-def _crops_text(crops: MultiCrop) -> str:
-    size = lambda s: "x".join(map(str, s))  # noqa: E731
-    return f"{crops.n_high}x{size(crops.high_size)} + {crops.n_low}x{size(crops.low_size)} crops"
-
-
-def _summary(args, m: Dict[str, Any]) -> None:
-    _say(f"done: {m['steps']} steps, {m['seconds']:.1f} s training ({m['crops_per_s']:,.0f} crops/s), "
-         f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}")
-    if m.get("knn_top1") is not None:
-        _say(f"k-NN top-1 (k={args.knn_k}, {m['knn_test_samples']} held-out samples): "
-             f"{m['knn_top1']:.3f} pretrained vs {m['knn_top1_random_init']:.3f} at random initialisation")
-    else:
-        _say("k-NN evaluation skipped: the data has no labels")
-    _say(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, metrics.json, log.csv")
