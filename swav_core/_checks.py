@@ -7,18 +7,34 @@ import torch
 
 def _int_at_least(name: str, value, low: int) -> int:
     """``value`` as an int ≥ ``low`` (a Python or NumPy integer, not a bool), else a ValueError."""
-    is_int = not isinstance(value, bool) and hasattr(type(value), "__index__")
-    if not is_int or operator.index(value) < low:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # ints, NumPy integers, 0-dim integer tensors
+    except TypeError:
+        number = None
+    if number is None or number < low:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
         raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return operator.index(value)
+    return number
 
 
 def _flag(name: str, value) -> bool:
-    """``value`` as a bool (True, False, 1 or 0), else a ValueError: a string like "no" is not False."""
-    if not isinstance(value, (bool, int)) or value not in (0, 1):
+    """``value`` as a bool: True / False, 1 / 0 (also NumPy's, or a 0-dim tensor), else a ValueError —
+    a string such as "no" is truthy, not False."""
+    kind = type(value)
+    if isinstance(value, torch.Tensor):
+        number = value.item() if value.ndim == 0 and not (value.is_floating_point() or value.is_complex()) else None
+    elif isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
+        number = bool(value)  # NumPy 2's bool has no __index__
+    else:
+        try:
+            number = operator.index(value)  # ints, NumPy integers
+        except TypeError:
+            number = None
+    if number is None or number not in (0, 1):
         raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
+    return bool(number)
 
 
 def _positive_int(name: str, value) -> int:

@@ -92,8 +92,8 @@ class SwaVLoss(nn.Module):
 
     def _non_finite_message(self, heads) -> str:
         multi_head = len(heads) > 1
-        for h, (high, low, _) in enumerate(heads):
-            named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)]
+        for h, (high, low, _) in enumerate(heads):  # the crops that predict (a lone high one does not)
+            named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high) if len(high) > 1]
             named += [(f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
             for name, z in named:
                 if not bool(torch.isfinite(z).all()):
@@ -102,7 +102,7 @@ class SwaVLoss(nn.Module):
                         f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
                         "non-finite (-inf is accepted only for computing codes, not as a prediction)"
                     )
-        biggest = max(z.abs().max().item() for high, low, _ in heads for z in high + low)
+        biggest = max(z.abs().max().item() for high, low, _ in heads for z in high[len(high) == 1 :] + low)
         return (
             f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by "
             f"temperature={self.temperature} overflow"

@@ -104,7 +104,7 @@ class MemoryBankModule(nn.Module):
         if self.gather_distributed:
             x = all_gather_cat(x)
         x = x.detach().to(device=self._bank.device, dtype=self._bank.dtype)
-        if x.untyped_storage().data_ptr() == self._bank.untyped_storage().data_ptr():
+        if _overlap(x, self._bank):
             x = x.clone()  # e.g. push(features(ordered=False)): the write would overwrite rows it reads
         self._write(x)
 
@@ -231,3 +231,9 @@ class MemoryBankModule(nn.Module):
             f"size={self.size}, gather_distributed={self.gather_distributed}, "
             f"feature_dim_first={self.feature_dim_first}"
         )
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory of ``a``'s and ``b``'s storages overlaps (views, or aliases via NumPy/DLPack)."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sa.data_ptr() < sb.data_ptr() + sb.nbytes() and sb.data_ptr() < sa.data_ptr() + sa.nbytes()

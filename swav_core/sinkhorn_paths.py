@@ -84,7 +84,7 @@ def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, 
     scale = 2.0 / epsilon  # the scores are halved in _shifted_exp
     e, half_row_max = _shifted_exp(blocks, scale, iterations > 0, gather, dtype, out)
     # NaN or +inf anywhere, or a sample or prototype without a finite score, shows up here.
-    finite = torch.isfinite(half_row_max).all()
+    finite = local = torch.isfinite(half_row_max).all()
     exact = torch.ones((), dtype=torch.bool, device=e.device)
     if iterations == 0:
         v, r = None, e[:rows].sum(dim=1)  # (rows,) ≥ 1: a softmax per sample
@@ -102,9 +102,9 @@ def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, 
     # One host sync, after all the work is queued; skipped while torch.compile traces.
     if _is_compiling():
         return q
-    finite, exact = torch.stack([finite, exact]).tolist()
+    finite, exact, local = torch.stack([finite, exact, local]).tolist()
     if not finite:
-        raise ValueError(_non_finite_message(blocks, names, iterations))
+        raise ValueError(_non_finite_message(blocks, names, iterations, elsewhere=local))
     return q if exact else _log_codes(blocks, iterations, epsilon, gather, rows, e)
 
 
@@ -113,7 +113,12 @@ def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, 
 # (c ≥ 1/K, u ≤ 1/min v; r ≥ min v), i.e. 2⁻³⁰ for B·K ≤ 2³³; and v stays above its clamp.
 
 
-def _non_finite_message(blocks, names, iterations: int) -> str:
+def _non_finite_message(blocks, names, iterations: int, elsewhere: bool = False) -> str:
+    if elsewhere:  # this rank's scores are fine; the gathered masses are not
+        return (
+            f"sinkhorn: another rank's scores are not finite (NaN, +inf, or a sample or prototype with "
+            f"only -inf); this rank's {' and '.join(names)} are"
+        )
     bad = [n for n, b in zip(names, blocks) if bool((b.isnan() | (b == float("inf"))).any())]
     if bad:
         return f"sinkhorn: {' and '.join(bad)} must be finite: got NaN or +inf scores"

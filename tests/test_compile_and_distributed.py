@@ -68,10 +68,29 @@ def test_gathered_log_domain_fallback_equals_single_process():
     """When v spans beyond float32 (30 rounds at ε = 0.01, a far prototype), every rank hands over
     to the log-domain Sinkhorn together and still gets its rows of the concatenation's codes."""
     sizes = (2, 4)
-    scores = far_pair_scores(batch=sum(sizes), prototypes=64)  # hands over from ~25 rounds
+    scores = far_pair_scores(batch=sum(sizes), prototypes=64)  # hands over from ~15 rounds
     gathered = torch.cat(run_distributed(_gathered_far_pair_codes, 2, scores, sizes))
     assert_matches_oracle(gathered, exact_fp64(scores, 30, 0.01))
     torch.testing.assert_close(gathered, sinkhorn(scores, 30, 0.01), rtol=1e-5, atol=1e-12)
+
+
+def _codes_with_nan_on_rank_one(rank, world_size, scores):
+    local = scores[rank * 4 : rank * 4 + 4].clone()
+    if rank == 1:
+        local[1, 2] = float("nan")
+    try:
+        sinkhorn(local, 3, 0.05, gather_distributed=True)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.distributed
+def test_non_finite_scores_on_one_rank_raise_on_every_rank():
+    """No rank hangs in a collective and none goes on with codes: each raises, and says whose scores."""
+    messages = run_distributed(_codes_with_nan_on_rank_one, 2, cosine_scores(8, 5, "cpu"))
+    assert messages[0].startswith("sinkhorn: another rank's scores are not finite")
+    assert messages[1].startswith("sinkhorn: probabilities must be finite: got NaN or +inf scores")
 
 
 def test_gather_without_process_group_is_single_process(device):

@@ -215,6 +215,16 @@ def test_non_finite_scores_raise_naming_the_argument(device, where, value, match
         SwaVLoss()(high, low, queue)
 
 
+def test_lone_high_resolution_crop_may_hold_minus_inf(device):
+    """A single high-resolution crop only supplies codes, where -inf is valid: it is never blamed."""
+    high, low, _ = make_crops(1, 1, 4, 5, None, 0, device)
+    high[0][0, 1] = float("-inf")
+    assert torch.isfinite(SwaVLoss()(high, low))
+    low[0][2, 3] = 3e38  # but 3e38 / τ overflows
+    with pytest.raises(ValueError, match=r"scores up to 3e\+38 divided by temperature=0.1 overflow"):
+        SwaVLoss()(high, low)
+
+
 def test_overflowing_temperature_raises(device):
     high, low, _ = make_crops(2, 2, 4, 5, None, 0, device)
     with pytest.raises(ValueError, match=r"temperature=1e-39 overflow"):

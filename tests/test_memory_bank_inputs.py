@@ -95,6 +95,11 @@ def test_push_own_storage_pinned_cases(device):
     assert torch.equal(bank.features(), _rows(1, 6, 2, device)[[4, 5, 2, 3]])
     bank.push(bank._bank[1::2])  # strided, overlapping the slots it writes: rows 4 and 6
     assert torch.equal(bank.features(), _rows(1, 6, 2, device)[[2, 3, 3, 5]])
+    alias = torch.from_dlpack(bank._bank[1:])  # the same memory through another storage object
+    assert alias.untyped_storage().data_ptr() != bank._bank.untyped_storage().data_ptr()
+    expected = torch.cat([bank.features(), alias.clone()])[-4:]  # slots 1..3 of (3, 4, 4, 6), pushed
+    bank.push(alias)
+    assert torch.equal(bank.features(), expected)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

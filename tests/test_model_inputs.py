@@ -103,3 +103,31 @@ def test_flags_must_be_bools(make, name):
     """A string such as "no" is truthy: every on/off argument takes a bool (or 0 / 1) only."""
     with pytest.raises(ValueError, match=f"{name} must be a bool, got"):
         make()
+
+
+class NumpyStyleBool:
+    """Stands for numpy.bool_ (numpy is not a test dependency): not an int, compares equal to 0 or 1."""
+
+    __module__ = "numpy"
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return self.value == other
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __bool__(self):
+        return self.value
+
+
+NumpyStyleBool.__name__ = "bool_"
+
+
+@pytest.mark.parametrize("value", [True, 0, Index(1), NumpyStyleBool(True), torch.tensor(False)])
+def test_flags_take_bool_like_values(value):
+    assert MultiCrop(8, 4, flip=value).flip is bool(value)
+    assert SwaVPrototypes(4, 5, bias=value).bias is bool(value)
+

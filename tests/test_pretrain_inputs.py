@@ -176,6 +176,8 @@ def test_seed_makes_a_backbone_with_dropout_reproducible_through_stop_and_resume
         _assert_states_equal(runs["a"]["model"], runs[other]["model"])
         assert torch.equal(runs["a"]["rng"][0]["torch"], runs[other]["rng"][0]["torch"])
     torch.manual_seed(1)
+    caller = torch.get_rng_state()
     assert _job(tmp_path / "d", "--steps", "9", "--seed", "1") == 0
+    assert torch.equal(torch.get_rng_state(), caller)  # the job seeds its own RNG, not its caller's
     assert not torch.equal(runs["a"]["rng"][0]["torch"], _ckpt(tmp_path / "d")["rng"][0]["torch"])
     assert os.path.isfile(tmp_path / "c" / "metrics.json")

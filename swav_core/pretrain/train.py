@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption)."""
     check_args(args)
     device, owns_group = _setup_distributed(args.device)
-    try:
-        with StopRequest() as stop:
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    try:  # the job seeds torch's global RNG for itself; the caller's is restored afterwards
+        with StopRequest() as stop, torch.random.fork_rng(devices=cuda_devices):
             return _run(args, device, stop)
     finally:
         if owns_group:
