@@ -8,7 +8,8 @@ two variants measure what removing each cost would give; neither is part of the 
   fallback): the cost of the sync alone.
 - :class:`GraphedFastCodes`: the vector iterations (exp, 5 matrix-vector products, the scaling) replayed
   from a CUDA graph, captured once per shape over one persistent (B, K) buffer; 4 eager operators and
-  one graph launch per call instead of 23 operators.
+  one graph launch per call instead of 23 operators. Its first column sums are a matrix-vector product
+  with a ones vector (18 against 26 µs for the dim-0 sum on the H200), free of host cost in a graph.
 """
 import torch
 
@@ -29,22 +30,24 @@ class GraphedFastCodes:
     """sinkhorn(S, iterations, epsilon) for float32 CUDA scores of one fixed shape (B, K).
 
     The buffer holds S/ε, then E (inside the graph), then the logits S/ε + log v; the codes are a new
-    tensor. Bitwise equal to the eager fast path (the same kernels); when the guard rejects, the
-    library's sinkhorn() answers.
+    tensor. Equal to the eager fast path up to the rounding of the first column sums; when the guard
+    rejects, the library's sinkhorn() answers.
     """
 
     def __init__(self, shape, iterations: int = 3, epsilon: float = 0.05, device="cuda"):
         self.iterations, self.epsilon = iterations, epsilon
         self.buffer = torch.zeros(shape, device=device)  # (B, K)
+        self.ones = torch.ones(shape[0], device=device)  # (B,) u₀
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():  # warm-up: cuBLAS handles, workspaces
             for _ in range(3):
-                _fast_scaling(self.buffer.zero_(), iterations, shape[0])
+                _fast_scaling(self.buffer.zero_(), iterations, shape[0], self.ones)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.log_v, self.ranges = _fast_scaling(self.buffer, iterations, shape[0])  # (K,), (2, n)
+            # (K,) log v and (2, n) mass ranges, in the graph's memory
+            self.log_v, self.ranges = _fast_scaling(self.buffer, iterations, shape[0], self.ones)
 
     @torch.no_grad()
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ log-domain Sinkhorn (``sinkhorn_log.py``) where v spans beyond its range; :func:
 exponentiates S/ε as given in fewer passes and reports whether under- or overflow could have touched
 its result.
 """
+from typing import Optional
+
 import torch
 
 from . import distributed as D
@@ -43,13 +45,14 @@ def _fast_codes(blocks, iterations: int, epsilon: float, dtype, rows: int, out):
     return torch.softmax(logits, dim=1, out=e[:rows]), _fast_accurate(ranges)
 
 
-def _fast_scaling(e: torch.Tensor, iterations: int, rows: int):
+def _fast_scaling(e: torch.Tensor, iterations: int, rows: int, ones: Optional[torch.Tensor] = None):
     """E = exp(X) in place for X = S/ε (B, K), then log v (K,) and the ranges of the masses (2, n).
 
     u₀ = 1; per iteration v ∝ 1/(Eᵀu) ("each prototype receives mass 1/K") and u ∝ 1/(E v) ("each
     sample 1/B"), one matrix-vector product each, the vectors scaled to max 1. ``ranges`` holds the
     minimum (row 0) and maximum (row 1) of every mass divided by, for :func:`_fast_accurate`.
-    Shape-static and free of host syncs: a CUDA graph can capture it.
+    Shape-static and free of host syncs: a CUDA graph can capture it. Given ``ones`` (B,), the first
+    column sums are Eᵀ1, a matrix-vector product (on a GPU faster than a dim-0 sum).
     """
     e.exp_()  # (B, K) E
     lows, highs = [], []
@@ -60,7 +63,8 @@ def _fast_scaling(e: torch.Tensor, iterations: int, rows: int):
         highs.append(high)
         return torch.div(low, mass)
 
-    v = scaled_reciprocal(e.sum(dim=0))  # (K,) v ∝ 1/(Eᵀu₀) with u₀ = 1: the column sums
+    column_sums = e.sum(dim=0) if ones is None else _prototype_mass(e, ones)  # (K,) Eᵀu₀, u₀ = 1
+    v = scaled_reciprocal(column_sums)  # (K,) v ∝ 1/(Eᵀu₀)
     for _ in range(1, iterations):
         u = scaled_reciprocal(_sample_mass(e, v))  # (B,) u ∝ 1/(E v)
         v = scaled_reciprocal(_prototype_mass(e, u))  # (K,) v ∝ 1/(Eᵀu)
