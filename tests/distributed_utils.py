@@ -5,6 +5,7 @@ default group, calls ``fn(rank, world_size, *args)`` and returns a picklable res
 fine). The results come back as a list indexed by rank; an exception on any rank fails the caller
 with that rank's traceback. ``fn`` must be defined at module level so the spawned child can import it.
 """
+import gc
 import os
 import socket
 import tempfile
@@ -35,6 +36,7 @@ def _worker(rank, world_size, port, out_dir, fn, args):
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         if dist.is_initialized():
+            gc.collect()  # DDP's reducer and its gloo work freed before the group, not at exit (SIGABRT)
             dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
 """The pretraining loop: set-up (single process or torchrun), steps, checkpoints, stop and resume."""
 import argparse
 import copy
+import gc
 import math
 import os
 import time
@@ -82,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     try:  # the job seeds torch's global RNG for itself; the caller's is restored afterwards
         with StopRequest() as stop, torch.random.fork_rng(devices=cuda_devices):
-            return _run(args, device, stop)
+            code = _run(args, device, stop)
+        return code
     finally:
         if owns_group:
+            # Free DDP's reducer (held in reference cycles) and its pending gloo work while the
+            # interpreter is whole: collected at exit instead, it can abort the process (SIGABRT).
+            gc.collect()
             dist.destroy_process_group()
 
 
