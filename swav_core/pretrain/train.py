@@ -83,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     try:  # the job seeds torch's global RNG for itself; the caller's is restored afterwards
         with StopRequest() as stop, torch.random.fork_rng(devices=cuda_devices):
-            code = _run(args, device, stop)
-        return code
+            return _run(args, device, stop)
     finally:
         if owns_group:
             # Free DDP's reducer (held in reference cycles) and its pending gloo work while the
