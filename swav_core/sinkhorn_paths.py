@@ -79,6 +79,9 @@ def _fast_accurate(ranges: torch.Tensor) -> bool:
     return all(lo >= _FAST_MIN_MASS and hi <= lo * _FAST_MAX_SPAN for lo, hi in zip(lows, highs))
 
 
+# The stable path's codes are exact while every v (scaled to max 1) is ≥ tiny^½ (2⁻⁶³ in float32):
+# entries of E lost to underflow (< tiny) then change no mass by more than B·K·tiny^½ relatively
+# (c ≥ 1/K, u ≤ 1/min v; r ≥ min v), i.e. 2⁻³⁰ for B·K ≤ 2³³; and v stays above its clamp.
 def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, rows: int, out, names):
     """Codes from E = exp((S − m_col − m_row)/ε), finite for every valid input; validates S.
 
@@ -110,11 +113,6 @@ def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, 
     if not finite:
         raise ValueError(_non_finite_message(blocks, names, iterations, elsewhere=local))
     return q if exact else _log_codes(blocks, iterations, epsilon, gather, rows, e)
-
-
-# The stable path's codes are exact while every v (scaled to max 1) is ≥ tiny^½ (2⁻⁶³ in float32):
-# entries of E lost to underflow (< tiny) then change no mass by more than B·K·tiny^½ relatively
-# (c ≥ 1/K, u ≤ 1/min v; r ≥ min v), i.e. 2⁻³⁰ for B·K ≤ 2³³; and v stays above its clamp.
 
 
 def _non_finite_message(blocks, names, iterations: int, elsewhere: bool = False) -> str:
