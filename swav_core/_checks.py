@@ -5,14 +5,20 @@ from typing import Optional, Tuple
 import torch
 
 
-def _int_at_least(name: str, value, low: int) -> int:
-    """``value`` as an int ≥ ``low`` (a Python or NumPy integer, not a bool), else a ValueError."""
+def _as_int(value) -> Optional[int]:
+    """``value`` as an int when it is an integer (int, NumPy integer, 0-dim integer tensor) other than a
+    bool, else None."""
+    if isinstance(value, bool):
+        return None
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)  # ints, NumPy integers, 0-dim integer tensors
+        return operator.index(value)
     except TypeError:
-        number = None
+        return None
+
+
+def _int_at_least(name: str, value, low: int) -> int:
+    """``value`` as an int ≥ ``low`` (see :func:`_as_int`), else a ValueError naming it."""
+    number = _as_int(value)
     if number is None or number < low:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
         raise ValueError(f"{name} must be {kind}, got {value!r}")
@@ -28,10 +34,7 @@ def _flag(name: str, value) -> bool:
     elif isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
         number = bool(value)  # NumPy 2's bool has no __index__
     else:
-        try:
-            number = operator.index(value)  # ints, NumPy integers
-        except TypeError:
-            number = None
+        number = _as_int(value)
     if number is None or number not in (0, 1):
         raise ValueError(f"{name} must be a bool, got {value!r}")
     return bool(number)

@@ -1,5 +1,4 @@
 """SwAV's projection head and prototypes (Caron et al., 2020, §3.1 and appendix A)."""
-import operator
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -16,19 +15,6 @@ def _check_features(x: torch.Tensor, dim: int, what: str) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what} expects features of shape (B, {dim}), got {shape}")
-
-
-def _check_step(step) -> int:
-    """The optimisation step as a non-negative int (Python or NumPy integer, not a bool)."""
-    try:
-        if isinstance(step, bool):
-            raise TypeError
-        step = operator.index(step)
-    except TypeError:
-        raise ValueError(f"step must be an int, got {step!r}") from None
-    if step < 0:
-        raise ValueError(f"step must be non-negative, got {step}")
-    return step
 
 
 class SwaVProjectionHead(nn.Module):
@@ -159,7 +145,7 @@ class SwaVPrototypes(nn.Module):
                     f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) while training"
                 )
             return False
-        return _check_step(step) < n
+        return _int_at_least("step", step, 0) < n
 
     def _needs_step(self) -> bool:
         """Whether a forward now must be told the step: freezing is on, training, gradients enabled."""

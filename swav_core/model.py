@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import _flag, _int_at_least
-from .heads import SwaVProjectionHead, SwaVPrototypes, _check_step
+from .heads import SwaVProjectionHead, SwaVPrototypes
 from .memory_bank import MemoryBankModule
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head
@@ -149,7 +149,7 @@ class SwaV(nn.Module):
         if epoch is not None:
             _int_at_least("epoch", epoch, 0)
         if step is not None:
-            _check_step(step)
+            _int_at_least("step", step, 0)
         elif self.prototypes._needs_step():
             raise ValueError(
                 f"SwaV(n_steps_frozen_prototypes={self.prototypes.n_steps_frozen_prototypes}) needs "

@@ -6,27 +6,16 @@ batch's device and no Python loop runs over samples.
 """
 import math
 import numbers
-import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import _flag
+from ._checks import _as_int, _flag, _int_at_least
 
 __all__ = ["MultiCrop"]
 
 Size = Union[int, Sequence[int]]
-
-
-def _as_int(value) -> Optional[int]:
-    """``value`` as a Python int when it is an integer (int, numpy integer, …) other than a bool, else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _check_scale(name: str, scale: Sequence[float]) -> Tuple[float, float]:
@@ -50,13 +39,6 @@ def _check_size(name: str, size: Size) -> Tuple[int, ...]:
         raise ValueError(f"{name} must be a positive int or a tuple of 1 to 3 positive ints (one per spatial "
                          f"axis; not floats or bools), got {size!r}")
     return ints
-
-
-def _check_count(name: str, value: int, least: int) -> int:
-    count = _as_int(value)
-    if count is None or count < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    return count
 
 
 class MultiCrop:
@@ -127,8 +109,8 @@ class MultiCrop:
     ):
         self.high_size = _check_size("high_size", high_size)
         self.low_size = _check_size("low_size", low_size)
-        n_high = _check_count("n_high", n_high, 1)  # SwAV needs a high-resolution crop
-        n_low = _check_count("n_low", n_low, 0)
+        n_high = _int_at_least("n_high", n_high, 1)  # SwAV needs a high-resolution crop
+        n_low = _int_at_least("n_low", n_low, 0)
         if n_high + n_low < 2:
             raise ValueError(f"need at least 2 crops in total, got n_high={n_high}, n_low={n_low}")
         if not (isinstance(intensity, (int, float)) and 0.0 <= intensity < 1.0):

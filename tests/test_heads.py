@@ -114,9 +114,9 @@ def test_bad_forward_inputs(device):
         protos(torch.ones(4, device=device), step=0)
     with pytest.raises(ValueError, match=r"n_steps_frozen_prototypes=2\) needs forward\(x, step=...\)"):
         protos(torch.ones(2, 4, device=device))
-    with pytest.raises(ValueError, match="step must be an int, got 0.5"):
+    with pytest.raises(ValueError, match="step must be a non-negative int, got 0.5"):
         protos(torch.ones(2, 4, device=device), step=0.5)
-    with pytest.raises(ValueError, match="step must be non-negative, got -1"):
+    with pytest.raises(ValueError, match="step must be a non-negative int, got -1"):
         protos(torch.ones(2, 4, device=device), step=-1)
 
 

@@ -138,7 +138,7 @@ def test_bad_input_raises_clear_errors(device):
     frozen = SwaV(backbone_2d(), 8, 4, 6, n_queues=0, n_steps_frozen_prototypes=3).to(device)
     with pytest.raises(ValueError, match=r"needs forward\(input, epoch, step=\.\.\.\) while training"):
         frozen((high, low))
-    with pytest.raises(ValueError, match="step must be an int, got True"):
+    with pytest.raises(ValueError, match="step must be a non-negative int, got True"):
         frozen((high, low), step=True)
     frozen.eval()
     with torch.no_grad():

@@ -50,7 +50,7 @@ def test_forward_arguments_are_checked_before_any_state_changes(device):
     high, low = crops_2d(2, device=device)
     cases = [
         (dict(input=(high, low), epoch=0), r"SwaV\(n_steps_frozen_prototypes=3\) needs forward\(input, epoch, step"),
-        (dict(input=(high, low), epoch=0, step=-1), "step must be non-negative, got -1"),
+        (dict(input=(high, low), epoch=0, step=-1), "step must be a non-negative int, got -1"),
         (dict(input=(high, low), epoch="1", step=0), "epoch must be a non-negative int, got '1'"),
         (dict(input=(high, low), epoch=-1, step=0), "epoch must be a non-negative int, got -1"),
         (dict(input=(high[0], low), epoch=0, step=0),
