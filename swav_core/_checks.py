@@ -1,4 +1,6 @@
 """Argument checks shared by the modules: a clear ValueError naming the argument and the value."""
+import math
+import numbers
 import operator
 from typing import Optional, Tuple
 
@@ -72,3 +74,14 @@ def _counter_error(prefix: str, name: str, value, top: int, length: int) -> Opti
     if not 0 <= int(value) <= top:
         return f"{prefix}{name}={int(value)} is out of range: expected 0..{top} (queue length {length})"
     return None
+
+
+def _positive_number(name: str, value) -> float:
+    """``value`` as a float > 0 with a finite inverse, else a ValueError naming it. Only comparisons,
+    so that ``torch.compile`` traces it on a symbolic float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        0.0 < value < math.inf and 1.0 / value < math.inf
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+

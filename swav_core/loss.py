@@ -1,13 +1,11 @@
 """The SwAV swapped-prediction loss (Caron et al., 2020, arXiv:2006.09882, §3.1 and multi-crop §3.2)."""
-import math
-import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import _flag
+from ._checks import _flag, _positive_number
 from .sinkhorn import _check_hyper, _is_compiling, _sinkhorn
 
 __all__ = ["SwaVLoss"]
@@ -54,14 +52,8 @@ class SwaVLoss(nn.Module):
         sinkhorn_gather_distributed: bool = False,
     ):
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        _check_hyper(sinkhorn_iterations, sinkhorn_epsilon)
-        self.temperature = float(temperature)
-        self.sinkhorn_iterations = int(sinkhorn_iterations)
-        self.sinkhorn_epsilon = float(sinkhorn_epsilon)
+        self.temperature = _positive_number("temperature", temperature)
+        self.sinkhorn_iterations, self.sinkhorn_epsilon = _check_hyper(sinkhorn_iterations, sinkhorn_epsilon)
         self.sinkhorn_gather_distributed = _flag("sinkhorn_gather_distributed", sinkhorn_gather_distributed)
         # Sinkhorn's (B + N, K) work buffer, kept between calls on the CPU: a fresh allocation of that
         # size is a fresh mmap whose page faults cost a third of the whole Sinkhorn call. Scratch only
@@ -92,17 +84,15 @@ class SwaVLoss(nn.Module):
 
     def _non_finite_message(self, heads) -> str:
         multi_head = len(heads) > 1
-        for h, (high, low, _) in enumerate(heads):  # the crops that predict (a lone high one does not)
-            named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high) if len(high) > 1]
-            named += [(f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
-            for name, z in named:
-                if not bool(torch.isfinite(z).all()):
-                    where = f"{name}[{h}]" if multi_head else name
-                    return (
-                        f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
-                        "non-finite (-inf is accepted only for computing codes, not as a prediction)"
-                    )
-        biggest = max(z.abs().max().item() for high, low, _ in heads for z in high[len(high) == 1 :] + low)
+        predictors = [(h, name, z) for h, (high, low, _) in enumerate(heads) for name, z in _predictors(high, low)]
+        for h, name, z in predictors:
+            if not bool(torch.isfinite(z).all()):
+                where = f"{name}[{h}]" if multi_head else name
+                return (
+                    f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
+                    "non-finite (-inf is accepted only for computing codes, not as a prediction)"
+                )
+        biggest = max(z.abs().max().item() for _, _, z in predictors)
         return (
             f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by "
             f"temperature={self.temperature} overflow"
@@ -193,6 +183,12 @@ def _split_heads(high, low, queue) -> List[Tuple[Crops, Crops, Optional[Crops]]]
         _check_shapes(crops, [name for name, _ in named], queues, h if multi_head else None)
         per_head.append((crops[: len(high)], crops[len(high) :], queues))
     return per_head
+
+
+def _predictors(high: Crops, low: Crops) -> List[Tuple[str, torch.Tensor]]:
+    """(argument name, scores) of the crops that predict codes: all but a lone high-resolution crop."""
+    named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)] if len(high) > 1 else []
+    return named + [(f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
 
 
 def _as_list(x, name: str) -> list:

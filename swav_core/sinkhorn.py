@@ -8,13 +8,12 @@ vectors u (samples) and v (prototypes) are updated, one matrix-vector product pe
 one of two paths (``sinkhorn_paths.py``). See :func:`sinkhorn` for the guarantees.
 """
 import contextlib
-import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
 
 from . import distributed as D
+from ._checks import _int_at_least, _positive_number
 from .sinkhorn_paths import _fast_codes, _is_compiling, _stable_codes
 
 __all__ = ["sinkhorn"]
@@ -141,10 +140,4 @@ def _check_scores(scores: torch.Tensor, name: str) -> None:
 
 
 def _check_hyper(iterations, epsilon):
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
-    if not (0.0 < epsilon < math.inf and 2.0 / epsilon < math.inf):  # also for torch.compile's SymFloat
-        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
-    return int(iterations), float(epsilon)
+    return _int_at_least("iterations", iterations, 0), _positive_number("epsilon", epsilon)

@@ -92,7 +92,7 @@ def _stable_codes(blocks, iterations: int, epsilon: float, gather: bool, dtype, 
     e, half_row_max = _shifted_exp(blocks, scale, iterations > 0, gather, dtype, out)
     # NaN or +inf anywhere, or a sample or prototype without a finite score, shows up here.
     finite = local = torch.isfinite(half_row_max).all()
-    exact = torch.ones((), dtype=torch.bool, device=e.device)
+    exact = finite  # a plain softmax spans nothing: exact whenever finite (and unread otherwise)
     if iterations == 0:
         v, r = None, e[:rows].sum(dim=1)  # (rows,) ≥ 1: a softmax per sample
     else:
