@@ -15,6 +15,8 @@ settings.register_profile(
     "ci", settings.get_profile("ci"), max_examples=30, suppress_health_check=_suppress
 )
 settings.register_profile("dev", max_examples=30, deadline=None, suppress_health_check=_suppress)
+# A longer randomised search, for hunting counterexamples before a release: HYPOTHESIS_PROFILE=deep.
+settings.register_profile("deep", max_examples=400, deadline=None, suppress_health_check=_suppress)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 

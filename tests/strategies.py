@@ -1,10 +1,21 @@
 """Hypothesis builders shared by the test files. Every bound is keyword-only; append new builders below."""
+from hypothesis import settings
 from hypothesis import strategies as st
 
 __all__ = [
-    "push_sequences", "optimizer_configs", "prototype_configs",
+    "examples", "push_sequences", "optimizer_configs", "prototype_configs",
     "multicrop_configs", "score_matrices", "swav_crop_configs",
 ]
+
+
+# Every test's example budget below is sized for CI's profile (30 examples by default); the "deep"
+# profile of conftest.py scales each budget by the same factor, explicit settings included.
+_CI_DEFAULT = 30
+
+
+def examples(n: int) -> int:
+    """The example budget ``n`` of one test, scaled by the loaded profile (×1 in "ci" and "dev")."""
+    return max(1, round(n * settings.default.max_examples / _CI_DEFAULT))
 
 
 @st.composite

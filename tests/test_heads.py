@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from swav_core import SwaVProjectionHead, SwaVPrototypes
-from strategies import optimizer_configs, prototype_configs
+from strategies import examples, optimizer_configs, prototype_configs
 
 
 # ---- projection head ---------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_prototype_scores_int_and_list(device, bias):
     assert isinstance(out, list) and [s.shape for s in out] == [(6, 7), (6, 2), (6, 3)]
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     k=st.integers(1, 40),
     dim=st.integers(1, 300),
@@ -65,6 +65,8 @@ def test_prototype_scores_int_and_list(device, bias):
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
 )
 @example(k=1, dim=1, zero_rows=1, log_scale=0.0, dtype=torch.float32)  # a single zero prototype
+# Found by the deep profile: float64 cosine similarity of 257 terms is itself off by 3 eps.
+@example(k=28, dim=257, zero_rows=3, log_scale=-5.042237455113996, dtype=torch.float64)
 def test_normalize_unit_idempotent_direction(device, k, dim, zero_rows, log_scale, dtype):
     protos = SwaVPrototypes(dim, [k, 2]).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -80,8 +82,13 @@ def test_normalize_unit_idempotent_direction(device, k, dim, zero_rows, log_scal
         assert torch.equal(w[~nonzero], w0[~nonzero])  # zero rows stay zero
         norms = w[nonzero].norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=2 * eps)
-        cosine = F.cosine_similarity(w[nonzero], w0[nonzero], dim=1)
-        torch.testing.assert_close(cosine, torch.ones_like(cosine), rtol=0, atol=2 * eps)
+        # Same direction: each row is its old row times one scale, up to one rounding per element
+        # (u = eps/2) and, for float64, one more in the test's own quotient: the ratios of a row
+        # spread by at most 2eps (float64) or eps (rounded to a narrower dtype, quotient exact enough).
+        ratio = torch.where(w0 != 0, w / w0, torch.nan)[nonzero]  # (rows, D)
+        high, low = ratio.nan_to_num(-torch.inf).amax(dim=1), ratio.nan_to_num(torch.inf).amin(dim=1)
+        spread = 2 * eps if dtype == torch.float64 else eps + 2.0**-50
+        assert bool((high - low <= spread * low * (1 + 2.0**-40)).all()), ((high - low) / low).max()
     once = [h.weight.detach().clone() for h in protos.heads]
     protos.normalize()
     for h, w1 in zip(protos.heads, once):
@@ -156,7 +163,7 @@ def _loss(scores, targets):
     return sum(F.cross_entropy(s / 0.1, t % s.shape[1]) + s.pow(2).mean() for s, t in zip(scores, targets))
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     config=prototype_configs(),
     opt=optimizer_configs(),

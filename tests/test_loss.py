@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from oracles import make_crops, per_pair_oracle, textbook_fp64
-from strategies import swav_crop_configs
+from strategies import examples, swav_crop_configs
 from swav_core import SwaVLoss
 
 pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
 # ---- value -------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     config=swav_crop_configs(),
     temperature=st.floats(0.05, 1.0),
@@ -58,7 +58,7 @@ def test_iterations_zero_codes_are_the_softmax(device):
     torch.testing.assert_close(SwaVLoss(sinkhorn_iterations=0)(high, low).double().cpu(), expected.double())
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(config=swav_crop_configs(max_prototypes=3000), value=st.floats(-1.0, 1.0, width=32))
 @example(config=(2, 6, 8, 3000, [64, 64], 0), value=0.3)
 def test_uniform_scores_give_ln_k(device, config, value):
@@ -119,7 +119,7 @@ def test_autocast_is_finite_and_close_to_float32(device):
 # ---- gradient ----------------------------------------------------------------------------------
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(config=swav_crop_configs(), temperature=st.floats(0.05, 1.0))
 def test_gradient_only_through_predictions(device, config, temperature):
     """dℓ/dz_v = (s_v · softmax(z_v/τ) − W_v) / (N τ), W_v = Σ_{i≠v} q_i the fixed codes, s_v its

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from swav_core import MemoryBankModule
-from strategies import push_sequences
+from strategies import examples, push_sequences
 
 
 def _rows(start, b, dim, device):
@@ -49,7 +49,7 @@ def _check_against(bank, model, dim, device):
     assert empty.shape[0] == length - len(model)  # every slot without a real row is zero
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(seq=push_sequences(), cut=st.integers(0, 8), via_bytes=st.booleans(), fixed_dim=st.booleans())
 @example(seq=(4, 2, [3, 3, 3]), cut=1, via_bytes=True, fixed_dim=False)  # wrap around, then a restore
 @example(seq=(3, 1, [7, 1]), cut=1, via_bytes=False, fixed_dim=False)  # a batch longer than the queue

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from swav_core import MemoryBankModule
-from strategies import push_sequences
+from strategies import examples, push_sequences
 from test_memory_bank import _check_against, _rows
 
 _KEYS = ("bank", "bank_ptr", "bank_filled")
@@ -66,7 +66,7 @@ def test_pushes_alternating_with_inference_mode(device, size):
 
 
 # ---- pushing the queue's own rows ----------------------------------------------------------------
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(seq=push_sequences(min_batch=1), fixed_dim=st.booleans(), data=st.data())
 def test_pushing_own_rows_matches_deque(device, seq, fixed_dim, data):
     """push(features(ordered=False)[a:b]) reads rows the write overwrites: it must see them as they were."""

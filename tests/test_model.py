@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from models import Recorder, backbone_2d, backbone_3d, crops_2d, sorted_rows
 from swav_core import SwaV
+from strategies import examples
 
 
 @pytest.mark.parametrize("n_prototypes", [7, [5, 9]])
@@ -81,7 +82,7 @@ def test_grouped_forward_calls_backbone_once_per_resolution_run(device):
     assert calls == [2 * 3, 4 * 3]
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     batch=st.integers(2, 5),  # BatchNorm in training needs 2 samples
     queue_length=st.integers(1, 12),

@@ -10,14 +10,14 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from swav_core import MultiCrop
-from strategies import multicrop_configs
+from strategies import examples, multicrop_configs
 
 
 def _crops(cfg, x, seed=0):
     return MultiCrop(**cfg)(x, generator=torch.Generator().manual_seed(seed))
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(case=multicrop_configs())
 def test_shapes_dtype_device(device, case):
     shape, cfg = case
@@ -32,7 +32,7 @@ def test_shapes_dtype_device(device, case):
             assert c.dtype == x.dtype and c.device == x.device and torch.isfinite(c).all()
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(case=multicrop_configs())
 def test_values_stay_in_the_jittered_input_range(device, case):
     """Bilinear resampling with border padding is a convex combination of each sample's own values;
@@ -50,7 +50,7 @@ def test_values_stay_in_the_jittered_input_range(device, case):
         assert (flat >= lo).all() and (flat <= hi).all()
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(case=multicrop_configs(), seed=st.integers(0, 2**31))
 def test_deterministic_for_a_fixed_generator(device, case, seed):
     shape, cfg = case
@@ -106,7 +106,7 @@ def _read_back(out: torch.Tensor, spatial):
     return torch.stack(slopes, 1), torch.stack(centres, 1)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(d=st.sampled_from([2, 3]), n=st.integers(8, 20), lo=st.floats(0.05, 1.0), width=st.floats(0.0, 1.0),
        flip=st.booleans(), per_side=st.booleans(), seed=st.integers(0, 2**31))
 @example(d=2, n=8, lo=1.0, width=0.0, flip=True, per_side=False, seed=0)
@@ -175,7 +175,7 @@ def test_non_square_input_clips_the_crop_to_the_largest_that_fits(device, spatia
             assert offset.min() < -(n - short) / 4 and offset.max() > (n - short) / 4
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(intensity=st.floats(0.01, 0.9), seed=st.integers(0, 2**31))
 def test_intensity_jitter_is_a_per_sample_affine_map(device, intensity, seed):
     x = torch.randn(8, 2, 6, 6, device=device, dtype=torch.float64)

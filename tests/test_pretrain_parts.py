@@ -13,6 +13,7 @@ from swav_core.pretrain.data import batch_indices, load_folder
 from swav_core.pretrain.knn import knn_top1
 from swav_core.pretrain.synthetic import CLASSES_2D, CLASSES_3D, synthetic2d, synthetic3d
 from swav_core.pretrain.train import lr_at
+from strategies import examples
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def test_folder_errors_name_the_path_and_shapes(tmp_path):
         load_folder(str(tmp_path))
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(n=st.integers(1, 40), batch=st.integers(1, 12), world=st.integers(1, 3), seed=st.integers(0, 99))
 def test_batch_order_visits_every_sample_once_per_epoch(n, batch, world, seed):
     """Concatenating the global batches (rank 0's part, then rank 1's, …) gives, epoch by epoch, a
@@ -92,7 +93,7 @@ def _knn_oracle(train_z, train_y, test_z, test_y, k, t):
     return correct / len(test_y)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(n=st.integers(5, 40), m=st.integers(1, 20), k=st.integers(1, 5), seed=st.integers(0, 99))
 def test_knn_matches_a_brute_force_weighted_vote(n, m, k, seed):
     g = torch.Generator().manual_seed(seed)

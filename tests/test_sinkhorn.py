@@ -6,7 +6,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from oracles import assert_matches_oracle, cosine_scores, exact_fp64, far_pair_scores, textbook_fp64, textbook_native
-from strategies import score_matrices
+from strategies import examples, score_matrices
 from swav_core import sinkhorn
 
 pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
 # ---- agreement with the textbook ----------------------------------------------------------------
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     scores=score_matrices(max_batch=32, max_prototypes=32, max_abs=4.0),
     iterations=st.integers(1, 10),
@@ -35,7 +35,7 @@ def test_matches_textbook_fp64_large(device, batch, prototypes):
     assert_matches_oracle(sinkhorn(scores), textbook_fp64(scores))
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     scores=score_matrices(max_abs=32.0),
     iterations=st.integers(1, 5),
@@ -49,7 +49,7 @@ def test_matches_exact_sinkhorn_where_textbook_underflows(device, scores, iterat
     assert_matches_oracle(q, exact_fp64(scores, iterations, epsilon))
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     scores=score_matrices(max_batch=12, max_prototypes=40),
     iterations=st.integers(5, 60),
@@ -77,7 +77,7 @@ SLOW_2X2 = torch.tensor([[-0.3174, 0.6523], [0.4111, -0.2939]])
 SLOW_3X3 = torch.tensor([[0.3926, -0.0078, 0.3828], [-0.875, 0.5156, -0.3867], [0.8242, -0.4062, -0.582]])
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(scores=score_matrices(max_batch=16, max_prototypes=16), epsilon=st.floats(0.1, 1.0))
 @example(scores=SLOW_3X3, epsilon=0.125)  # converges slowly: 2e-4 off after 300 iterations
 @example(scores=SLOW_2X2, epsilon=0.1015625)  # slower still: 6.8e-4 → 4.3e-4 in 300 iterations
@@ -106,7 +106,7 @@ def test_prototype_marginals_converge(device):
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     scores=score_matrices(max_abs=8.0),
     dtype=st.sampled_from(DTYPES),
@@ -162,7 +162,7 @@ def test_finite_where_textbook_fails(device, case):
         assert_matches_oracle(q, exact_fp64(scores, 3, epsilon))
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(scores=score_matrices(max_abs=2.0), iterations=st.integers(0, 5), data=st.data())
 def test_equivariant_to_permutations(device, scores, iterations, data):
     batch, prototypes = scores.shape
@@ -174,7 +174,7 @@ def test_equivariant_to_permutations(device, scores, iterations, data):
     torch.testing.assert_close(permuted, q[rows][:, cols], rtol=1e-4, atol=1e-20)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     scores=score_matrices(max_abs=2.0),
     iterations=st.integers(0, 5),

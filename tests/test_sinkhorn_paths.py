@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from oracles import assert_matches_oracle, cosine_scores, exact_fp64, far_pair_scores
-from strategies import score_matrices
+from strategies import examples, score_matrices
 
 sinkhorn_module = importlib.import_module("swav_core.sinkhorn")  # swav_core.sinkhorn is the function
 paths_module = importlib.import_module("swav_core.sinkhorn_paths")
@@ -56,7 +56,7 @@ def test_fast_path_rejects_and_the_stable_path_answers(device, monkeypatch, case
     assert stable_calls == [1]
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(
     scores=score_matrices(max_batch=40, max_prototypes=40),
     iterations=st.integers(1, 8),
