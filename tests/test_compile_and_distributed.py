@@ -13,7 +13,8 @@ from swav_core import SwaVLoss, sinkhorn
 
 def test_compile_fullgraph_matches_eager(device):
     """One small shape (compiling takes ~20 s on a CPU): no graph break, same codes as eager, also
-    once a second ε makes the compiler treat ε as a symbolic float."""
+    for a second ε (which recent torch traces as a symbolic float, and older torch recompiles for)."""
+    torch._dynamo.reset()  # the same compilations on every device, whatever ran before in this process
     compiled = torch.compile(sinkhorn, fullgraph=True)
     scores = cosine_scores(24, 10, device)
     for epsilon in (0.05, 0.1):
