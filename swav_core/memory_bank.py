@@ -1,99 +1,69 @@
 """A FIFO ring buffer of feature vectors: SwAV's queue (Caron et al., 2020, §4 "small batches")."""
-from typing import Optional, Sequence, Tuple, Union
+import operator
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from einops import rearrange
+import torch.distributed as dist
 from torch import nn
 
-from ._checks import _counter_error, _flag, _parse_size
-from .distributed import all_gather_cat
-
 __all__ = ["MemoryBankModule"]
-
-_STATE_KEYS = ("bank", "bank_ptr", "bank_filled")
 
 
 class MemoryBankModule(nn.Module):
     """FIFO queue of the last ``length`` feature vectors, stored as a ring buffer.
 
     A batch is written at the pointer and wraps around the end, so a push costs O(B) whatever the
-    length; only the oldest rows are ever overwritten, and a batch longer than the queue leaves its
-    last ``length`` rows. Empty slots hold zeros. ``num_filled`` counts real rows.
+    length; only the oldest rows are overwritten, and a batch longer than the queue leaves its last
+    ``length`` rows. Empty slots hold zeros; ``num_filled`` counts the real rows.
 
-    The storage, pointer and fill count are plain attributes, not registered buffers, so
-    DistributedDataParallel's buffer broadcast (``broadcast_buffers=True``) does not copy rank 0's queue
-    onto every rank; they are still written to and read from ``state_dict()`` (keys ``bank``,
-    ``bank_ptr``, ``bank_filled``), and ``.to()`` / ``.half()`` / ``.cuda()`` move and cast them. A
-    state_dict without these keys (lightly saves no queue state) loads with ``strict=True`` and
-    leaves the queue empty; one with only some of them lists the others in ``missing_keys`` (an
-    error under ``strict=True``) and also leaves the queue empty.
+    lightly's attributes: ``bank`` is the (length, D) storage itself ((length, 0) until an int ``size``
+    has seen a batch) and ``bank_ptr`` the next write position, a new (1,) long tensor per read,
+    read-only (the pointer is a Python int, so a push never waits for the GPU). Neither is a buffer,
+    so DDP's buffer broadcast cannot copy rank 0's queue onto the other ranks; yet ``state_dict()``
+    saves contents and counters (keys ``bank``, ``bank_ptr``, ``bank_filled``; without them, as lightly
+    saves, the queue loads empty with ``strict=True``) and ``.to()`` moves and casts them.
 
     Args:
         size: queue length, or ``(length, D)``. With an int, D is taken from the first batch.
             0 disables the queue. Default: 65536
         gather_distributed: push the batch all-gathered from every rank (all ranks then hold the
-            same queue). Default: False
+            same queue; ranks may differ in batch size). Default: False
         feature_dim_first: ``forward`` returns the bank as (D, length) rather than (length, D).
             Default: True
 
     Shape:
-        push(x): x (B, D).
-        features(): (num_filled, D).
+        push(x): x (B, D).  features(): (num_filled, D).  bank: (length, D).
         forward(output): output (B, D) → (output, bank), bank (D, length) or (length, D).
 
     Example:
         >>> queue = MemoryBankModule(size=(3840, 128))
         >>> queue.push(torch.randn(256, 128))
-        >>> queue.num_filled, queue.is_full
-        (256, False)
+        >>> queue.num_filled, queue.is_full, queue.bank_ptr
+        (256, False, tensor([256]))
     """
 
-    def __init__(
-        self,
-        size: Union[int, Sequence[int]] = 65536,
-        gather_distributed: bool = False,
-        feature_dim_first: bool = True,
-    ):
+    def __init__(self, size: Union[int, Sequence[int]] = 65536, gather_distributed: bool = False,
+                 feature_dim_first: bool = True):
         super().__init__()
         length, dim = _parse_size(size)
         self.size = size if isinstance(size, int) else (length, dim)
         self.gather_distributed = _flag("gather_distributed", gather_distributed)
         self.feature_dim_first = _flag("feature_dim_first", feature_dim_first)
-        self._fixed_dim = dim is not None
         with torch.inference_mode(False):  # see _new_bank
-            self._bank = torch.zeros(length, dim or 0)  # (length, D); (length, 0) until D is known
-        self._ptr = 0  # next slot to write
-        self._filled = 0  # real rows stored, ≤ length
+            self.bank = torch.zeros(length, dim or 0)  # a plain attribute, not a buffer (see above)
+        self._ptr, self._filled = 0, 0  # the next slot to write; real rows stored, ≤ length
 
-    # ---- state ---------------------------------------------------------------------------------
-    @property
-    def length(self) -> int:
-        return self._bank.shape[0]
-
-    @property
-    def dim(self) -> Optional[int]:
-        return self._bank.shape[1] if (self._fixed_dim or self._bank.shape[1] > 0) else None
-
-    @property
-    def num_filled(self) -> int:
-        return self._filled
-
-    @property
-    def is_full(self) -> bool:
-        return self.length > 0 and self._filled == self.length
+    bank_ptr = property(lambda self: torch.tensor([self._ptr], device=self.bank.device))  # (1,) int64
+    length = property(lambda self: self.bank.shape[0])
+    dim = property(lambda self: self.bank.shape[1] or None)  # None: an int size before its first batch
+    num_filled = property(lambda self: self._filled)
+    is_full = property(lambda self: self.length > 0 and self._filled == self.length)
 
     def features(self, ordered: bool = True) -> torch.Tensor:
-        """The ``num_filled`` stored rows (num_filled, D).
-
-        ``ordered=True``: oldest → newest, a new tensor. ``ordered=False``: slot order, a view of the
-        storage without a copy (it changes with later pushes); the order does not matter for scoring.
-        """
-        stored = self._bank[: self._filled]  # (n, D), slot order
-        if not ordered:
-            return stored
-        if self._filled < self.length:  # not yet wrapped: slot order is arrival order
-            return stored.clone()
-        return torch.cat((self._bank[self._ptr :], self._bank[: self._ptr]))  # (length, D)
+        """The ``num_filled`` stored rows (n, D): oldest → newest in a new tensor, or, ``ordered=False``,
+        in slot order as a view of the storage (no copy; it changes with later pushes)."""
+        stored = self.bank[: self._filled]  # (n, D), slot order
+        return stored.roll(-self._ptr, 0) if ordered else stored  # the oldest row is at the pointer
 
     @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
@@ -101,139 +71,149 @@ class MemoryBankModule(nn.Module):
         if self.length == 0:
             raise ValueError("MemoryBankModule(size=0) is disabled: it stores nothing, push is not allowed")
         self._check_batch(x, "push")
-        if self.gather_distributed:
-            x = all_gather_cat(x)
-        x = x.detach().to(device=self._bank.device, dtype=self._bank.dtype)
-        if _overlap(x, self._bank):
-            x = x.clone()  # e.g. push(features(ordered=False)): the write would overwrite rows it reads
-        self._write(x)
-
-    def _new_bank(self, dim: int) -> None:
-        """Replace the storage by zeros (length, D), same device and dtype.
-
-        Made with inference mode off, so a queue first filled (or loaded) under
-        ``torch.inference_mode()``, e.g. by a validation pass, still takes in-place pushes afterwards.
-        """
-        with torch.inference_mode(False):
-            self._bank = self._bank.new_zeros(self.length, dim)
-
-    def _write(self, x: torch.Tensor) -> None:
-        length, b = self.length, x.shape[0]
+        x = _all_gather(x.detach()) if self.gather_distributed else x.detach()
         if self.dim is None:
             self._new_bank(x.shape[1])
+        length, b = self.length, x.shape[0]
         n = min(b, length)
-        rows = x[b - n :]  # (n, D): the rows that survive this push
+        # The n rows that survive, copied: they may be a view of the storage this write overwrites.
+        rows = x[b - n :].to(device=self.bank.device, dtype=self.bank.dtype, copy=True)
         start = (self._ptr + b - n) % length  # where they land had the B rows been pushed one by one
         first = min(n, length - start)
-        self._bank[start : start + first] = rows[:first]
-        self._bank[: n - first] = rows[first:]  # wrap around the end
-        self._ptr = (self._ptr + b) % length
-        self._filled = min(self._filled + b, length)
+        self.bank[start : start + first] = rows[:first]
+        self.bank[: n - first] = rows[first:]  # wrap around the end
+        self._ptr, self._filled = (self._ptr + b) % length, min(self._filled + b, length)
+
+    def _new_bank(self, dim: int) -> None:
+        # Outside inference mode, so that a queue first filled under torch.inference_mode() (a
+        # validation pass) still takes in-place pushes afterwards.
+        with torch.inference_mode(False):
+            self.bank = self.bank.new_zeros(self.length, dim)
 
     def _check_batch(self, x: torch.Tensor, what: str) -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 2:
+        dim = self.dim
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or not 0 < x.shape[1] == (dim or x.shape[1]):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"MemoryBankModule.{what} expects features of shape (B, {self.dim or 'D'}), got {shape}"
-            )
-        if self.dim is not None and x.shape[1] != self.dim:
-            raise ValueError(
-                f"MemoryBankModule.{what} expects features of shape (B, {self.dim}) to match the "
-                f"bank {tuple(self._bank.shape)}, got {tuple(x.shape)}"
-            )
+            want = f"(B, {dim}) to match the bank {tuple(self.bank.shape)}" if dim else "(B, D) with D > 0"
+            raise ValueError(f"MemoryBankModule.{what} expects features of shape {want}, got {shape}")
 
-    # ---- lightly's interface -------------------------------------------------------------------
     def forward(
         self, output: torch.Tensor, labels: Optional[torch.Tensor] = None, update: bool = False
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Return ``(output, bank)``, the whole storage before this call's push; ``labels`` is ignored.
-
-        ``bank`` is a detached copy, (D, length) if ``feature_dim_first`` else (length, D), in slot
-        order, zeros where empty. ``update=True`` then pushes ``output``.
-        """
+        """lightly's interface: ``(output, bank)``, ``bank`` a detached copy of the storage before this
+        call's push, (D, length) if ``feature_dim_first`` else (length, D), slot order, zeros where
+        empty. ``update=True`` then pushes ``output``. ``labels`` is ignored."""
         if self.length == 0:
             return output, None
         self._check_batch(output, "forward")
         if self.dim is None:
             self._new_bank(output.shape[1])
-        if self.feature_dim_first:
-            bank = rearrange(self._bank, "l d -> d l").clone(memory_format=torch.contiguous_format)
-        else:
-            bank = self._bank.clone()  # (length, D)
+        bank = self.bank.T if self.feature_dim_first else self.bank
+        bank = bank.clone(memory_format=torch.contiguous_format)
         if update:
             self.push(output)
         return output, bank
 
-    # ---- device / dtype and checkpoints ----------------------------------------------------------
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ... move and cast the storage too
         super()._apply(fn, recurse)
         with torch.inference_mode(False):  # see _new_bank
-            self._bank = fn(self._bank)
+            self.bank = fn(self.bank)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        # A snapshot: the counters below are copies, so the contents must be one too, or a state_dict
-        # kept while training goes on would pair newer rows with older counters.
-        destination[prefix + "bank"] = self._bank.clone()
+        destination[prefix + "bank"] = self.bank.clone()  # a snapshot, as the counters are
         destination[prefix + "bank_ptr"] = torch.tensor(self._ptr)
         destination[prefix + "bank_filled"] = torch.tensor(self._filled)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        keys = [prefix + k for k in _STATE_KEYS]
-        for k in keys:
-            if k in unexpected_keys:
-                unexpected_keys.remove(k)
+    def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
+        keys = [prefix + k for k in ("bank", "bank_ptr", "bank_filled")]
+        unexpected[:] = [k for k in unexpected if k not in keys]
         absent = [k for k in keys if k not in state_dict]
-        if absent:  # start empty; lightly / fmcib save no queue state, which is not an incompatibility
+        if absent:  # start empty: lightly / fmcib save no queue state, which is not an incompatibility
             if len(absent) < len(keys):  # part of it: PyTorch's convention, strict=True raises on these
-                missing_keys.extend(absent)
-            self._bank.zero_()
-            self._ptr = self._filled = 0
+                missing.extend(absent)
+            self.bank.zero_()
+            self._ptr, self._filled = 0, 0
             return
         bank, ptr, filled = (state_dict[k] for k in keys)
-        want = (self.length, self.dim) if self._fixed_dim else (self.length, "D")
-        if not isinstance(bank, torch.Tensor) or bank.ndim != 2 or bank.shape[0] != self.length or (
-            self._fixed_dim and bank.shape[1] != self.dim
-        ):
-            got = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
-            error_msgs.append(
-                f"size mismatch for {prefix}bank: copying a queue of shape {got}, "
-                f"the queue in the current model has shape {want}"
-            )
+        problems = self._state_errors(prefix, bank, ptr, filled)
+        if problems:
+            errors.extend(problems)
             return
-        errors = [
-            _counter_error(prefix, "bank_ptr", ptr, max(self.length, 1) - 1, self.length),
-            _counter_error(prefix, "bank_filled", filled, self.length, self.length),
-        ]
-        if any(errors):
-            error_msgs.extend(e for e in errors if e)
-            return
-        ptr, filled = int(ptr), int(filled)
-        if filled < self.length and ptr != filled:
-            error_msgs.append(
-                f"inconsistent queue state at '{prefix}': bank_ptr={ptr}, bank_filled={filled}, "
-                f"length={self.length}: a queue that is not full must have bank_ptr == bank_filled"
-            )
-            return
-        if bank.shape != self._bank.shape:
+        if bank.shape != self.bank.shape:
             self._new_bank(bank.shape[1])
-        self._bank.copy_(bank)
-        self._ptr, self._filled = ptr, filled
+        self.bank.copy_(bank)
+        self._ptr, self._filled = int(ptr), int(filled)
+
+    def _state_errors(self, prefix: str, bank, ptr, filled) -> List[str]:
+        """Why a saved queue does not fit this one; empty when it does."""
+        length, dim = self.length, self.dim if isinstance(self.size, tuple) else "D"
+        got = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+        if not (torch.is_tensor(bank) and bank.ndim == 2 and got[0] == length and dim in ("D", got[1])):
+            return [f"size mismatch for {prefix}bank: copying a queue of shape {got}, "
+                    f"the queue in the current model has shape {(length, dim)}"]
+        problems = []
+        for name, value, top in (("bank_ptr", ptr, max(length, 1) - 1), ("bank_filled", filled, length)):
+            if not (_is_int_scalar(value) and value.dtype != torch.bool):
+                tensor = torch.is_tensor(value)
+                what = f"shape {tuple(value.shape)}, dtype {value.dtype}" if tensor else type(value).__name__
+                problems.append(f"{prefix}{name} must be a 0-dim integer tensor, got {value!r} ({what})")
+            elif not 0 <= int(value) <= top:
+                problems.append(f"{prefix}{name}={int(value)} is out of range: expected 0..{top} "
+                                f"(queue length {length})")
+        if not problems and int(filled) < length and int(ptr) != int(filled):
+            problems.append(f"inconsistent queue state at '{prefix}': bank_ptr={int(ptr)}, bank_filled="
+                            f"{int(filled)}, length={length}: a queue that is not full must have "
+                            "bank_ptr == bank_filled")
+        return problems
 
     def extra_repr(self) -> str:
-        return (
-            f"size={self.size}, gather_distributed={self.gather_distributed}, "
-            f"feature_dim_first={self.feature_dim_first}"
-        )
+        return (f"size={self.size}, gather_distributed={self.gather_distributed}, "
+                f"feature_dim_first={self.feature_dim_first}")
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory of ``a``'s and ``b``'s storages overlaps (views, or aliases via NumPy/DLPack)."""
-    sa, sb = a.untyped_storage(), b.untyped_storage()
-    return sa.data_ptr() < sb.data_ptr() + sb.nbytes() and sb.data_ptr() < sa.data_ptr() + sa.nbytes()
+def _parse_size(size) -> Tuple[int, Optional[int]]:
+    """``size`` → (length, D or None): an int ≥ 0 or a pair of ints (length ≥ 0, D > 0), no bools."""
+    pair = isinstance(size, (tuple, list, torch.Size))
+    values = tuple(size) if pair else (size, 1)
+    if len(values) == 2 and all(type(v) is int for v in values) and values[0] >= 0 and values[1] > 0:
+        return values[0], (values[1] if pair else None)
+    raise ValueError(f"size must be a non-negative int (length) or a pair (length >= 0, dim > 0) of ints, "
+                     f"got {size!r}")
+
+
+def _is_int_scalar(value) -> bool:  # a 0-dim integer or bool tensor
+    return torch.is_tensor(value) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex())
+
+
+def _flag(name: str, value) -> bool:
+    """True / False or 1 / 0 (also NumPy's, or a 0-dim integer tensor), else a ValueError: "no" is truthy."""
+    number = value
+    if torch.is_tensor(value):
+        number = value.item() if _is_int_scalar(value) else None
+    elif type(value).__name__ in ("bool", "bool_"):  # NumPy 2's bool has no __index__
+        number = bool(value)
+    try:
+        number = operator.index(number)
+    except TypeError:
+        number = None
+    if number not in (0, 1):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(number)
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (B_r, D) concatenated in rank order; ``x`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    counts = torch.cat(counts).tolist()  # ranks may differ in B: pad to the largest, then trim
+    padded = x.new_zeros(max(counts), x.shape[1])
+    padded[: x.shape[0]] = x
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])

@@ -40,7 +40,7 @@ def _check_against(bank, model, dim, device):
     assert bank.is_full == (len(model) == length)
     assert torch.equal(bank.features(ordered=True), _expected(model, dim, device))
     unordered = bank.features(ordered=False)
-    assert unordered.untyped_storage().data_ptr() == bank._bank.untyped_storage().data_ptr()
+    assert unordered.untyped_storage().data_ptr() == bank.bank.untyped_storage().data_ptr()
     key = lambda t: t[:, 0].argsort()  # noqa: E731 (rows are told apart by their unique id)
     expected = _expected(model, dim, device)
     assert torch.equal(unordered[key(unordered)], expected[key(expected)])
@@ -117,8 +117,8 @@ def test_lightly_state_dict_loads_strict_and_empties_queue(device):
     assert set(lightly_state) == {"0.weight", "0.bias"}
     net.load_state_dict(lightly_state, strict=True)
     assert net[1].num_filled == 0 and not net[1].is_full
-    assert torch.equal(net[1]._bank, torch.zeros(4, 2, device=device))
-    assert net[1]._ptr == 0
+    assert torch.equal(net[1].bank, torch.zeros(4, 2, device=device))
+    assert torch.equal(net[1].bank_ptr, torch.tensor([0], device=device))
 
 
 def test_state_dict_is_a_snapshot(device):
@@ -183,7 +183,7 @@ def test_bad_size_raises(size):
 
 def test_bad_batches_raise(device):
     bank = MemoryBankModule(size=(5, 3)).to(device)
-    with pytest.raises(ValueError, match=r"\(B, 3\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"push expects features of shape \(B, 3\) to match the bank \(5, 3\), got \(3,\)"):
         bank.push(torch.ones(3, device=device))
     with pytest.raises(ValueError, match=r"\(B, 3\).*\(5, 3\), got \(2, 4\)"):
         bank.push(torch.ones(2, 4, device=device))
@@ -195,3 +195,65 @@ def test_bad_batches_raise(device):
 def test_extra_repr():
     text = repr(MemoryBankModule(size=(10, 4), gather_distributed=True))
     assert "size=(10, 4), gather_distributed=True, feature_dim_first=True" in text
+
+
+def test_zero_feature_dim_raises(device):
+    bank = MemoryBankModule(4).to(device)
+    with pytest.raises(ValueError, match=r"push expects features of shape \(B, D\) with D > 0, got \(3, 0\)"):
+        bank.push(torch.randn(3, 0, device=device))
+    with pytest.raises(ValueError, match=r"forward expects .*D > 0, got \(3, 0\)"):
+        bank(torch.randn(3, 0, device=device), update=True)
+    assert bank.num_filled == 0 and bank.dim is None
+
+
+def test_gather_distributed_without_process_group_is_single_process(device):
+    bank = MemoryBankModule(size=5, gather_distributed=True).to(device)
+    bank.push(_rows(1, 3, 2, device))
+    bank(_rows(4, 4, 2, device), update=True)
+    assert torch.equal(bank.features(), _rows(3, 5, 2, device))  # the last 5 of rows 1..7
+
+
+# ---- lightly's public attributes and subclassing -------------------------------------------------
+def test_lightly_bank_and_bank_ptr(device):
+    """lightly 1.6: ``bank`` the (length, D) storage itself, ``bank_ptr`` a (1,) long tensor; neither
+    is a buffer DDP would broadcast, and the pointer is read-only."""
+    mb = MemoryBankModule(size=(4, 2)).to(device)
+    x = _rows(1, 2, 2, device)
+    mb(x, update=True)
+    assert mb.bank.shape == (4, 2) and mb.bank.dtype == torch.float32 and mb.bank.device.type == device
+    assert torch.equal(mb.bank, torch.cat([x, torch.zeros(2, 2, device=device)]))
+    assert mb.bank_ptr.dtype == torch.long and torch.equal(mb.bank_ptr, torch.tensor([2], device=device))
+    storage = mb.bank.untyped_storage().data_ptr()
+    mb.push(_rows(3, 3, 2, device))  # rows 3, 4, 5 into slots 2, 3, then 0
+    assert mb.bank.untyped_storage().data_ptr() == storage  # written in place: reading it copies nothing
+    assert torch.equal(mb.bank, _rows(1, 5, 2, device)[[4, 1, 2, 3]])
+    assert torch.equal(mb.bank_ptr, torch.tensor([1], device=device))
+    assert list(mb.buffers()) == [] and list(mb.parameters()) == []
+    with pytest.raises(AttributeError):
+        mb.bank_ptr = torch.tensor([0])
+    assert MemoryBankModule(size=3).bank.shape == (3, 0)  # an int size: D comes with the first batch
+
+
+class _NegativesLoss(MemoryBankModule):
+    """A loss that subclasses the memory bank as lightly's contrastive losses do."""
+
+    def __init__(self, memory_bank_size):
+        super().__init__(size=memory_bank_size)
+
+    def forward(self, out0, out1):
+        out1, negatives = super().forward(out1, update=True)  # (D, length), before this batch
+        return out0 @ negatives  # (B, length): similarities to the stored rows
+
+
+def test_loss_subclass_calls_super_forward_as_in_lightly(device):
+    loss = _NegativesLoss(memory_bank_size=(4, 2)).to(device)
+    model = collections.deque(maxlen=4)
+    for step in range(3):
+        out1 = _rows(1 + 3 * step, 3, 2, device)
+        negatives = loss(torch.eye(2, device=device), out1).T  # (length, D), slot order, zeros where empty
+        stored, expected = negatives[negatives[:, 0] != 0], _expected(model, 2, device)
+        assert torch.equal(stored[stored[:, 0].argsort()], expected[expected[:, 0].argsort()])
+        model.extend(out1.unbind(0))
+        assert torch.equal(loss.features(), torch.stack(list(model)))
+        assert int(loss.bank_ptr) == 3 * (step + 1) % 4
+    assert set(loss.state_dict()) == {"bank", "bank_ptr", "bank_filled"}

@@ -36,7 +36,7 @@ def test_storage_made_under_inference_mode_takes_pushes_after(device, size, firs
         else:
             bank.double()
     model = collections.deque([] if first in ("init", "double") else rows.unbind(0), maxlen=4)
-    assert not bank._bank.is_inference()
+    assert not bank.bank.is_inference()
     for step in range(3):  # training steps, outside inference mode
         x = _rows(10 + 3 * step, 3, 2, device)
         bank.push(x)
@@ -59,7 +59,7 @@ def test_pushes_alternating_with_inference_mode(device, size):
                 bank.push(x)
         model.extend(x.unbind(0))
         _check_against(bank, model, 2, device)
-    assert not bank._bank.is_inference()
+    assert not bank.bank.is_inference()
     w = torch.ones(2, 3, device=device, requires_grad=True)
     (bank.features(ordered=False) @ w).sum().backward()  # the storage still works with autograd
     assert torch.equal(w.grad, bank.features().sum(0, keepdim=True).T.expand(2, 3))
@@ -93,10 +93,10 @@ def test_push_own_storage_pinned_cases(device):
     bank.push(_rows(1, 6, 2, device))  # wrapped: slots hold rows 5, 6, 3, 4
     bank.push(bank.features(ordered=False))  # the audit's case
     assert torch.equal(bank.features(), _rows(1, 6, 2, device)[[4, 5, 2, 3]])
-    bank.push(bank._bank[1::2])  # strided, overlapping the slots it writes: rows 4 and 6
+    bank.push(bank.bank[1::2])  # strided, overlapping the slots it writes: rows 4 and 6
     assert torch.equal(bank.features(), _rows(1, 6, 2, device)[[2, 3, 3, 5]])
-    alias = torch.from_dlpack(bank._bank[1:])  # the same memory through another storage object
-    assert alias.untyped_storage().data_ptr() != bank._bank.untyped_storage().data_ptr()
+    alias = torch.from_dlpack(bank.bank[1:])  # the same memory through another storage object
+    assert alias.untyped_storage().data_ptr() != bank.bank.untyped_storage().data_ptr()
     expected = torch.cat([bank.features(), alias.clone()])[-4:]  # slots 1..3 of (3, 4, 4, 6), pushed
     bank.push(alias)
     assert torch.equal(bank.features(), expected)
@@ -126,7 +126,7 @@ def test_bad_counters_raise_and_leave_queue_alone(device, key, value, message):
     state = dict(net.state_dict(), **{"0." + key: value})
     with pytest.raises(RuntimeError, match=re.escape(f"0.{key}{message}")):
         net.load_state_dict(state)
-    assert (net[0]._ptr, net[0].num_filled) == (1, 4)
+    assert (int(net[0].bank_ptr), net[0].num_filled) == (1, 4)
     assert torch.equal(net[0].features(), _rows(2, 4, 2, device))
 
 
@@ -152,7 +152,7 @@ def test_partial_queue_state_is_missing_keys(device, size, keep):
     net[1].push(_rows(1, 3, 2, device))
     result = net.load_state_dict(partial, strict=False)
     assert result.missing_keys == absent and result.unexpected_keys == []
-    assert (net[1].num_filled, net[1]._ptr, net[1].is_full) == (0, 0, False)
-    assert torch.equal(net[1]._bank, torch.zeros(4, 2, device=device))
+    assert (net[1].num_filled, int(net[1].bank_ptr), net[1].is_full) == (0, 0, False)
+    assert torch.equal(net[1].bank, torch.zeros(4, 2, device=device))
     net[1].push(_rows(7, 2, 2, device))  # and it goes on as a fresh queue
     assert torch.equal(net[1].features(), _rows(7, 2, 2, device))
