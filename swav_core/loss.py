@@ -1,12 +1,15 @@
 """The SwAV swapped-prediction loss (Caron et al., 2020, arXiv:2006.09882, §3.1 and multi-crop §3.2)."""
-from typing import List, Optional, Sequence, Tuple
+import math
+import numbers
+import operator
+from typing import List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import _flag, _positive_number
-from .sinkhorn import _check_hyper, _is_compiling, _sinkhorn
+from .sinkhorn import sinkhorn
 
 __all__ = ["SwaVLoss"]
 
@@ -16,22 +19,24 @@ Crops = List[torch.Tensor]
 class SwaVLoss(nn.Module):
     r"""Swapped prediction of Sinkhorn codes across multi-crop views (§3.1, §3.2).
 
-    For each high-resolution crop i, codes q_i = sinkhorn(cat(z_i, queue_i))[:B] are computed without
-    gradient (the queue rows only help the equipartition). Every other crop v predicts them with
-    p_v = softmax(z_v/τ):
+    For each high-resolution crop i, the codes q_i = sinkhorn(cat(z_i, queue_i))[:B] are computed
+    without gradient (queue rows only help the equipartition). Every other crop v predicts them
+    with p_v = softmax(z_v/τ):
 
-        ℓ = 1/n_high · Σ_i 1/(n_crops − 1) · Σ_{v≠i} −1/B · Σ_b Σ_k q_i[b, k] · log p_v[b, k]
+        ℓ = 1/n_high · Σ_i 1/(n_crops − 1) · Σ_{v≠i} subloss(z_v, q_i),
+        subloss(z, q) = −1/B · Σ_b Σ_k q[b, k] · log softmax(z/τ)[b, k]
 
-    log_softmax is computed once per crop (not once per pair); the value equals lightly's SwaVLoss.
-    With several prototype heads, each argument holds per crop a list over heads and the loss is the
-    mean over heads.
+    As subloss is linear in q, crop v's terms are one call with Σ_{i≠v} q_i: log_softmax runs once
+    per crop, not once per pair. A subclass that overrides :meth:`subloss` is called per pair, as in
+    lightly. With several prototype heads every argument holds, per crop, a list over heads and the
+    loss is the mean over heads.
 
     Args:
         temperature: τ of the predictions. Default: 0.1.
         sinkhorn_iterations: Sinkhorn-Knopp rounds for the codes. Default: 3.
         sinkhorn_epsilon: ε of the codes. Default: 0.05.
         sinkhorn_gather_distributed: compute the codes over the batches of all ranks (see
-            :func:`swav_core.sinkhorn`). Default: False.
+            :func:`swav_core.sinkhorn`); needs ``torch.distributed``. Default: False.
 
     Shape:
         - high_resolution_outputs: list of n_high ≥ 1 tensors (B, K) (or lists over heads of (B, K_h)).
@@ -41,7 +46,9 @@ class SwaVLoss(nn.Module):
 
     Example::
 
-        >>> loss = SwaVLoss()(high_resolution_outputs=[p1, p2], low_resolution_outputs=[p3, p4])
+        >>> p = [torch.randn(8, 30) for _ in range(4)]
+        >>> SwaVLoss()(high_resolution_outputs=p[:2], low_resolution_outputs=p[2:]).shape
+        torch.Size([])
     """
 
     def __init__(
@@ -52,20 +59,38 @@ class SwaVLoss(nn.Module):
         sinkhorn_gather_distributed: bool = False,
     ):
         super().__init__()
-        self.temperature = _positive_number("temperature", temperature)
-        self.sinkhorn_iterations, self.sinkhorn_epsilon = _check_hyper(sinkhorn_iterations, sinkhorn_epsilon)
-        self.sinkhorn_gather_distributed = _flag("sinkhorn_gather_distributed", sinkhorn_gather_distributed)
-        # Sinkhorn's (B + N, K) work buffer, kept between calls on the CPU: a fresh allocation of that
-        # size is a fresh mmap whose page faults cost a third of the whole Sinkhorn call. Scratch only
-        # (codes are copied out of it), so it is neither state nor a buffer.
-        self._work: Optional[torch.Tensor] = None
+        for name, value in [("temperature", temperature), ("sinkhorn_epsilon", sinkhorn_epsilon)]:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                0.0 < value < math.inf and 1.0 / value < math.inf
+            ):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        try:
+            iterations = None if isinstance(sinkhorn_iterations, bool) else operator.index(sinkhorn_iterations)
+        except TypeError:
+            iterations = None
+        if iterations is None or iterations < 0:
+            raise ValueError(f"sinkhorn_iterations must be a non-negative int, got {sinkhorn_iterations!r}")
+        if sinkhorn_gather_distributed not in (False, True):  # "no" is truthy: bools (or 0 / 1) only
+            raise ValueError(f"sinkhorn_gather_distributed must be a bool, got {sinkhorn_gather_distributed!r}")
+        if sinkhorn_gather_distributed and not dist.is_available():
+            raise ValueError("sinkhorn_gather_distributed=True needs torch.distributed, which is not "
+                             "available in this torch build")
+        self.temperature = float(temperature)
+        self.sinkhorn_iterations = iterations
+        self.sinkhorn_epsilon = float(sinkhorn_epsilon)
+        self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
-            f"sinkhorn_epsilon={self.sinkhorn_epsilon}, "
-            f"sinkhorn_gather_distributed={self.sinkhorn_gather_distributed}"
-        )
+        return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
+                f"sinkhorn_epsilon={self.sinkhorn_epsilon}, "
+                f"sinkhorn_gather_distributed={self.sinkhorn_gather_distributed}")
+
+    def subloss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the prediction softmax(z/τ) against codes q: −mean_b Σ_k q·log softmax(z/τ).
+
+        Shape: z (B, K), q (B, K) → 0-dim.
+        """
+        return -(q * F.log_softmax(z / self.temperature, dim=1)).sum(dim=1).mean()
 
     def forward(
         self,
@@ -73,156 +98,103 @@ class SwaVLoss(nn.Module):
         low_resolution_outputs: Sequence,
         queue_outputs: Optional[Sequence] = None,
     ) -> torch.Tensor:
+        """The loss ℓ above, averaged over prototype heads; see the class docstring for shapes."""
         heads = _split_heads(high_resolution_outputs, low_resolution_outputs, queue_outputs)
         losses = [self._head_loss(high, low, queue) for high, low, queue in heads]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        # Non-finite predictions (or z/τ overflowing) make the loss non-finite: named, not passed on.
-        # One host sync, skipped while torch.compile traces.
-        if not _is_compiling() and not bool(torch.isfinite(loss)):
+        # Non-finite predictions (or z/τ overflowing) are named, not passed on: one host sync.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(loss)):
             raise ValueError(self._non_finite_message(heads))
         return loss
 
+    def _head_loss(self, high: Crops, low: Crops, queue: Optional[Crops]) -> torch.Tensor:
+        crops, n_high = high + low, len(high)
+        dtype = torch.float64 if any(z.dtype == torch.float64 for z in crops) else torch.float32
+        with torch.autocast(crops[0].device.type, enabled=False):
+            codes = [self._codes(i, z, queue) for i, z in enumerate(high)]  # n_high × (B, K)
+            crops = [z.to(dtype) for z in crops]
+            if type(self).subloss is not SwaVLoss.subloss:  # an override sees every (crop, code) pair
+                terms = [self.subloss(z, q) for i, q in enumerate(codes) for v, z in enumerate(crops) if v != i]
+            else:  # crop v predicts every code but its own: one call with Σ_{i≠v} q_i
+                total = sum(codes)
+                terms = [self.subloss(z, total - codes[v] if v < n_high else total)
+                         for v, z in enumerate(crops) if n_high > 1 or v > 0]
+        return sum(terms) / (n_high * (len(crops) - 1))
+
+    def _codes(self, i: int, z: torch.Tensor, queue: Optional[Crops]) -> torch.Tensor:
+        """Codes (B, K) of high-resolution crop i, with its queue; errors name the loss' arguments."""
+        try:
+            return sinkhorn(z, self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed,
+                            queue=None if queue is None else queue[i])
+        except ValueError as error:
+            names = f"high_resolution_outputs[{i}]" + ("" if queue is None else f" and queue_outputs[{i}]")
+            raise ValueError(f"SwaVLoss: codes of {names}: {error}") from error
+
     def _non_finite_message(self, heads) -> str:
-        multi_head = len(heads) > 1
-        predictors = [(h, name, z) for h, (high, low, _) in enumerate(heads) for name, z in _predictors(high, low)]
+        predictors = [(h, name, z) for h, (high, low, _) in enumerate(heads)
+                      for name, z in _named(high, low) if not (name.startswith("high") and len(high) == 1)]
         for h, name, z in predictors:
             if not bool(torch.isfinite(z).all()):
-                where = f"{name}[{h}]" if multi_head else name
-                return (
-                    f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
-                    "non-finite (-inf is accepted only for computing codes, not as a prediction)"
-                )
+                where = f"{name}[{h}]" if len(heads) > 1 else name
+                return (f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
+                        "non-finite (-inf is accepted only for computing codes, not as a prediction)")
         biggest = max(z.abs().max().item() for _, _, z in predictors)
-        return (
-            f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by "
-            f"temperature={self.temperature} overflow"
-        )
-
-    def _head_loss(self, high: Crops, low: Crops, queue: Optional[Crops]) -> torch.Tensor:
-        crops = high + low
-        n_high, n_crops = len(high), len(crops)
-        batch = crops[0].shape[0]
-        dtype = torch.float64 if any(z.dtype == torch.float64 for z in crops) else torch.float32
-        with torch.autocast(device_type=crops[0].device.type, enabled=False):
-            codes = self._codes(high, queue, dtype)  # (n_high, B, K), no gradient
-            total = codes.sum(dim=0)  # (B, K)
-            loss = None
-            for v, z in enumerate(crops):
-                if v == 0 and n_high == 1:
-                    continue  # a single high-resolution crop predicts nothing
-                # Crop v predicts every code but its own: weight Σ_{i ≠ v} q_i.
-                weight = total - codes[v] if v < n_high else total  # (B, K)
-                log_p = F.log_softmax(z.to(dtype) / self.temperature, dim=1)  # (B, K), once per crop
-                term = (weight * log_p).sum()
-                loss = term if loss is None else loss + term
-        return loss.neg() / (n_high * (n_crops - 1) * batch)
-
-    def _codes(self, high: Crops, queue: Optional[Crops], dtype: torch.dtype) -> torch.Tensor:
-        batch, n_prototypes = high[0].shape
-        codes = high[0].new_empty((len(high), batch, n_prototypes), dtype=dtype)  # (n_high, B, K)
-        work = None
-        if queue is not None:  # one (B + N, K) buffer for all crops
-            n_rows = batch + max(len(x) for x in queue)
-            work = self._work_buffer(n_rows * n_prototypes, high[0].device, dtype)
-            work = work[: n_rows * n_prototypes].view(n_rows, n_prototypes)
-        for i, z in enumerate(high):
-            names = (f"high_resolution_outputs[{i}]", f"queue_outputs[{i}]")
-            if queue is None:
-                _sinkhorn([z], *self._sinkhorn_args, out=codes[i], names=names)
-            else:
-                out = work[: batch + len(queue[i])]
-                q = _sinkhorn([z, queue[i]], *self._sinkhorn_args, out=out, rows=batch, names=names)
-                codes[i].copy_(q)
-        return codes
-
-    def _work_buffer(self, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A flat scratch tensor of at least ``numel`` elements, reused between calls on the CPU."""
-        if device.type != "cpu" or _is_compiling():
-            return torch.empty(numel, device=device, dtype=dtype)
-        w = self._work
-        if w is None or w.numel() < numel or w.dtype != dtype:
-            w = self._work = torch.empty(numel, dtype=dtype)
-        return w
-
-    @property
-    def _sinkhorn_args(self) -> Tuple[int, float, bool]:
-        return self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed
+        return f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by " \
+               f"temperature={self.temperature} overflow"
 
 
-def _split_heads(high, low, queue) -> List[Tuple[Crops, Crops, Optional[Crops]]]:
-    """Validate the three arguments and regroup them per prototype head."""
-    high = _as_list(high, "high_resolution_outputs")
-    low = _as_list(low, "low_resolution_outputs")
-    queue = None if queue is None else _as_list(queue, "queue_outputs")
-    queue = queue or None  # an empty queue list means no queue
+def _named(high: Crops, low: Crops):
+    return [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)] + [
+        (f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
+
+
+def _split_heads(high, low, queue):
+    """Validate the three arguments and regroup them per prototype head: [(high, low, queue)]."""
+    for name, x in [("high_resolution_outputs", high), ("low_resolution_outputs", low), ("queue_outputs", queue)]:
+        if x is not None and (isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple))):
+            raise ValueError(f"{name} must be a list (one entry per crop), got {type(x).__name__}")
+    high, low, queue = list(high), list(low), (list(queue) if queue else None)  # [] means no queue
     if not high:
         raise ValueError("high_resolution_outputs must hold at least one crop, got an empty list")
     if len(high) + len(low) < 2:
-        raise ValueError(
-            f"SwaVLoss needs at least 2 crops in total, got {len(high)} high-resolution and "
-            f"{len(low)} low-resolution"
-        )
+        raise ValueError(f"SwaVLoss needs at least 2 crops in total, got {len(high)} high-resolution "
+                         f"and {len(low)} low-resolution")
     if queue is not None and len(queue) != len(high):
-        raise ValueError(
-            f"queue_outputs must hold one entry per high-resolution crop ({len(high)}), got {len(queue)}"
-        )
-    named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)]
-    named += [(f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
+        raise ValueError(f"queue_outputs must hold one entry per high-resolution crop ({len(high)}), "
+                         f"got {len(queue)}")
     multi_head = isinstance(high[0], (list, tuple))
     n_heads = len(high[0]) if multi_head else 1
     if n_heads == 0:
         raise ValueError("high_resolution_outputs[0] must hold at least one prototype head, got an empty list")
+    named = _named(high, low) + [(f"queue_outputs[{i}]", x) for i, x in enumerate(queue or [])]
     per_head = []
     for h in range(n_heads):
-        crops = [_head(z, h, name, multi_head, n_heads) for name, z in named]
-        queues = None
-        if queue is not None:
-            queues = [
-                _head(x, h, f"queue_outputs[{i}]", multi_head, n_heads, queue=True) for i, x in enumerate(queue)
-            ]
-        _check_shapes(crops, [name for name, _ in named], queues, h if multi_head else None)
-        per_head.append((crops[: len(high)], crops[len(high) :], queues))
+        tensors = [_head(x, h, name, n_heads if multi_head else 0) for name, x in named]
+        crops, queues = tensors[: len(high) + len(low)], tensors[len(high) + len(low):] or None
+        for (name, _), z in zip(named, tensors):
+            where = "" if not multi_head else f" (head {h})"
+            if name.startswith("queue") and z.shape[1] != crops[0].shape[1]:
+                raise ValueError(f"{name} must have K={crops[0].shape[1]} prototype scores like the crops, "
+                                 f"got shape {tuple(z.shape)}{where}")
+            if not name.startswith("queue") and z.shape != crops[0].shape:
+                raise ValueError(f"all crops must have the same shape (B, K): {named[0][0]} is "
+                                 f"{tuple(crops[0].shape)} but {name} is {tuple(z.shape)}{where}")
+        per_head.append((crops[: len(high)], crops[len(high):], queues))
     return per_head
 
 
-def _predictors(high: Crops, low: Crops) -> List[Tuple[str, torch.Tensor]]:
-    """(argument name, scores) of the crops that predict codes: all but a lone high-resolution crop."""
-    named = [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)] if len(high) > 1 else []
-    return named + [(f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
-
-
-def _as_list(x, name: str) -> list:
-    if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple)):
-        raise ValueError(f"{name} must be a list (one entry per crop), got {type(x).__name__}")
-    return list(x)
-
-
-def _head(x, h: int, name: str, multi_head: bool, n_heads: int, queue: bool = False) -> torch.Tensor:
-    if multi_head:
+def _head(x, h: int, name: str, n_heads: int) -> torch.Tensor:
+    """Head h of one argument (n_heads = 0: a single head), checked to be a (B, K) floating tensor."""
+    if n_heads:
         if not isinstance(x, (list, tuple)) or len(x) != n_heads:
             got = f"a list of {len(x)}" if isinstance(x, (list, tuple)) else type(x).__name__
             raise ValueError(f"{name} must be a list over the {n_heads} prototype heads, got {got}")
         x, name = x[h], f"{name}[{h}]"
-    ok = isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point()
-    if not ok or x.shape[1] == 0 or (x.shape[0] == 0 and not queue):
-        is_tensor = isinstance(x, torch.Tensor)
-        what = f"shape {tuple(x.shape)}, dtype {x.dtype}" if is_tensor else type(x).__name__
-        rows = "(N, K)" if queue else "(B, K), B ≥ 1"
-        raise ValueError(f"{name} must be a floating-point tensor {rows}, K ≥ 1, got {what}")
+    queue = name.startswith("queue")
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point()) or (
+        x.shape[1] == 0 or (x.shape[0] == 0 and not queue)
+    ):
+        got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating-point tensor {'(N, K)' if queue else '(B, K), B ≥ 1'}, "
+                         f"K ≥ 1, got {got}")
     return x
-
-
-def _check_shapes(crops: Crops, names: List[str], queues: Optional[Crops], head: Optional[int]) -> None:
-    shape = tuple(crops[0].shape)
-    for name, z in zip(names, crops):
-        if tuple(z.shape) != shape:
-            raise ValueError(
-                f"all crops must have the same shape (B, K): {names[0]} is {shape} but {name} is "
-                f"{tuple(z.shape)}" + ("" if head is None else f" (head {head})")
-            )
-    for i, x in enumerate(queues or []):
-        if x.shape[1] != shape[1]:
-            raise ValueError(
-                f"queue_outputs[{i}] must have K={shape[1]} prototype scores like the crops, got shape "
-                f"{tuple(x.shape)}" + ("" if head is None else f" (head {head})")
-            )

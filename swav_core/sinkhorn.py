@@ -1,143 +1,250 @@
-"""Sinkhorn-Knopp codes of SwAV (Caron et al., 2020, arXiv:2006.09882, §3.1 "Computing codes online").
+"""Sinkhorn-Knopp codes of SwAV (Caron et al., 2020, arXiv:2006.09882, §3.1 "Online clustering").
 
-The codes are Q* = Diag(u) exp(Cᵀ Z / ε) Diag(v) (§3.1): the entropic transport plan between B
-samples and K prototypes whose prototype marginals are 1/K and whose sample marginals are 1/B. The
-textbook routine (FAIR's ``distributed_sinkhorn``, lightly's ``sinkhorn``) rewrites the whole B × K
-matrix at every half-iteration. Here a matrix E ∝ exp(S/ε) is computed once and only the two scaling
-vectors u (samples) and v (prototypes) are updated, one matrix-vector product per half-iteration, on
-one of two paths (``sinkhorn_paths.py``). See :func:`sinkhorn` for the guarantees.
+The codes Q = Diag(u) exp(S/ε) Diag(v) are the entropic transport plan between B samples and K
+prototypes whose prototype marginals are 1/K and sample marginals 1/B. FAIR's and lightly's routine
+rewrites the whole B × K matrix at every half-iteration; here it is exponentiated once and only the
+two scaling vectors move, one matrix-vector product per half-iteration:
+
+    E  = exp((S − m_col − m_row)/ε)   m_col, m_row: per-prototype, then per-sample maxima
+    u₀ = exp(m_row/ε)                 so Diag(u₀) E = exp((S − m_col)/ε), the textbook's start
+    v  ← 1/(Eᵀu)                      "each prototype receives mass 1/K" (constants cancel)
+    u  ← 1/(E v)                      "each sample receives mass 1/B"
+    Q  = Diag(1/(E v)) E Diag(v)      the last step: every row sums to 1
+
+Why it stays exact: E ∈ [0, 1] holds a 1 in every row and column, so no exponent overflows and the
+masses E v ≥ min v and Eᵀu ≥ min u never vanish. Entries of E that underflow (< tiny) then move a
+mass by at most B·K·tiny / min v relatively: below float32's rounding while min v ≥ tiny^½ (v scaled
+to max 1). Only many rounds at small ε with a far prototype push v lower; the one host sync that
+also validates the scores then hands over to exact Sinkhorn in the log domain, in float64.
 """
-import contextlib
-from typing import Optional, Sequence
+import math
+import numbers
+import operator
+from typing import Optional
 
 import torch
-
-from . import distributed as D
-from ._checks import _int_at_least, _positive_number
-from .sinkhorn_paths import _fast_codes, _is_compiling, _stable_codes
+import torch.distributed as dist
 
 __all__ = ["sinkhorn"]
 
 
 def sinkhorn(
-    probabilities: torch.Tensor,
+    out: torch.Tensor,
     iterations: int = 3,
     epsilon: float = 0.05,
     gather_distributed: bool = False,
+    queue: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    r"""Equipartitioned soft codes Q of SwAV by Sinkhorn-Knopp: Q* = Diag(u) exp(S/ε) Diag(v) (§3.1).
+    r"""Equipartitioned soft codes Q of SwAV by Sinkhorn-Knopp (§3.1): Q* = Diag(u) exp(S/ε) Diag(v).
 
-    Starting from Q ∝ exp(S/ε), each of ``iterations`` rounds rescales every prototype to total
-    mass 1/K and then every sample to 1/B; the returned rows (one per sample) sum to 1. Equal, up to
-    float32 rounding, to the textbook FAIR / lightly routine evaluated in float64 wherever that stays
-    exact, and to exact (log-domain) Sinkhorn beyond, where the textbook under- or overflows. Finite
-    for every finite input (−∞ allowed, see Raises) and every ε > 0 with 2/ε finite in the compute
-    dtype (ε ≳ 6e-39 in float32).
-
-    Implementation: with Q = Diag(u) E Diag(v), v ← 1/(Eᵀu) (prototype step) and u ← 1/(E v)
-    (sample step); constants such as 1/K and 1/B cancel in the final per-sample normalisation
-    Q = Diag(1/(E v)) E Diag(v). The stable path (CPU, distributed, compiled) uses
-    E = exp((S − m_col − m_row)/ε) with column and row maxima, a 1 in every row and column; the fast
-    path (GPU) uses E = exp(S/ε) and a row softmax for the last step, and hands over to the stable
-    path whenever its guard sees under- or overflow that could matter; the stable path hands over to
-    exact log-domain Sinkhorn in float64 when v spans beyond its range (many rounds at small ε).
+    Each of ``iterations`` rounds rescales every prototype to mass 1/K, then every sample to 1/B.
+    Equal, up to float32 rounding, to the FAIR / lightly routine evaluated in float64 wherever that
+    stays finite, and to exact (log-domain) Sinkhorn beyond; finite for every finite input.
 
     Args:
-        probabilities: scores S, e.g. ``prototypes(z)``; any floating dtype. Not modified, no
+        out: scores S, e.g. ``prototypes(z)`` (lightly's and FAIR's name); any floating dtype, no
             gradient flows through the result.
-        iterations: rounds of (prototype, sample) normalisation. ``0`` returns the per-sample
+        iterations: rounds of (prototype, sample) normalisation; ``0`` returns the per-sample
             softmax of S/ε. Default: 3.
         epsilon: entropic regularisation ε > 0. Default: 0.05.
         gather_distributed: with an initialised process group, sum the prototype masses over all
-            ranks (all-reduce of K-vectors only), so that every rank gets its rows of the codes of
-            the concatenated batch; ranks may hold different B. Without a group it is ignored.
-            Default: False.
+            ranks (an all-reduce of K-vectors), so that each rank gets its rows of the codes of all
+            ranks' batches concatenated; ranks may hold different B. Default: False.
+        queue: scores (N, K) of stored samples (SwAV's queue) that share in the equipartition;
+            only the codes of ``out``'s B rows are returned, as ``sinkhorn(cat(out, queue))[:B]``
+            without materialising the concatenation twice. Default: None.
 
     Shape:
-        - probabilities: (B, K)
+        - out: (B, K); queue: (N, K)
         - output: (B, K), float32 (float64 for float64 input); rows sum to 1.
 
     Raises:
-        ValueError: ``probabilities`` not a non-empty 2-D floating tensor, NaN or +∞ scores (or a
-            sample or prototype with only −∞ scores), ``iterations`` not an int ≥ 0, ``epsilon``
-            not a finite number > 0 or so small that 2/ε overflows. The check of the scores, and
-            the log-domain hand-over, are skipped while ``torch.compile`` traces.
+        ValueError: scores that are not non-empty 2-D floating tensors, NaN or +∞ scores (−∞ means
+            "never assigned" and is fine while every sample and prototype keeps a finite score),
+            ``iterations`` not an int ≥ 0, ``epsilon`` not a finite number > 0 (or so small that
+            2/ε overflows). The score check and the log-domain hand-over are skipped while
+            ``torch.compile`` traces.
 
     Example::
 
-        >>> q = sinkhorn(torch.randn(256, 3000))
-        >>> q.sum(dim=1)  # tensor([1.0000, 1.0000, ...])
+        >>> q = sinkhorn(torch.randn(256, 3000), queue=torch.randn(3840, 3000))
+        >>> q.shape, q.sum(dim=1)[:2]
+        (torch.Size([256, 3000]), tensor([1.0000, 1.0000]))
     """
-    _check_scores(probabilities, "probabilities")
-    return _sinkhorn([probabilities], iterations, epsilon, gather_distributed)
-
-
-def _sinkhorn(
-    blocks: Sequence[torch.Tensor],
-    iterations: int,
-    epsilon: float,
-    gather_distributed: bool,
-    out: Optional[torch.Tensor] = None,
-    rows: Optional[int] = None,
-    names: Sequence[str] = ("probabilities",),
-) -> torch.Tensor:
-    """Codes of the row-wise concatenation of ``blocks`` without materialising that concatenation.
-
-    ``out`` (optional) is a (Σ B_j, K) buffer of the compute dtype to work in (the loss reuses one
-    for all its crops); with ``rows`` only the codes of the first ``rows`` samples are normalised and
-    returned (queue rows only help the equipartition). The result is a view of ``out`` (or of a new
-    buffer).
-
-    Single-process eager calls take the fast path (:func:`_fast_codes`) and keep its result when
-    its underflow guard holds, which one host sync decides; otherwise, and for ``iterations=0``,
-    gathered or compiled calls, the stable path (:func:`_stable_codes`) computes the codes and
-    validates the scores.
-    """
-    iterations, epsilon = _check_hyper(iterations, epsilon)
-    names = [n for n, b in zip(names, blocks) if b.shape[0] > 0]
-    blocks = [b.detach() for b in blocks if b.shape[0] > 0]  # an empty queue adds nothing
+    blocks, names = _check_scores(out, queue, iterations)
+    iterations, epsilon = _check_int("iterations", iterations), _check_positive("epsilon", epsilon)
     dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
-    dtype = dtype if out is None else out.dtype
-    rows = sum(b.shape[0] for b in blocks) if rows is None else rows
-    gather = gather_distributed and iterations > 0 and D.world_size() > 1
-    if 2.0 / epsilon > torch.finfo(dtype).max:  # the scale 2/ε must be finite in the compute dtype
-        raise ValueError(
-            f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
-            f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}"
-        )
-    device_type = blocks[0].device.type
-    with torch.no_grad(), _autocast_off(device_type):
-        fast = _FAST_PATH.get(device_type, True)
-        if fast and iterations > 0 and not gather and not _is_compiling():
-            q, accurate = _fast_codes(blocks, iterations, epsilon, dtype, rows, out)
-            if accurate:
-                return q
-        return _stable_codes(blocks, iterations, epsilon, gather, dtype, rows, out, names)
+    if 2.0 / epsilon > torch.finfo(dtype).max:
+        raise ValueError(f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
+                         f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}")
+    if gather_distributed not in (False, True):
+        raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
+    gather = bool(gather_distributed) and iterations > 0 and _world_size() > 1
+    if iterations == 0:
+        blocks, names = blocks[:1], names[:1]  # a softmax per sample: the queue plays no part
+    rows = out.shape[0]
+    with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+        e, half_row_max = _shifted_exp(blocks, 2.0 / epsilon, iterations > 0, gather, dtype)
+        finite = local = torch.isfinite(half_row_max).all()  # NaN, +∞, or a row or column of −∞
+        exact = finite
+        if iterations == 0:
+            v, r = None, e.sum(dim=1)  # (B,)
+        else:
+            u = half_row_max.mul_(2.0 / epsilon).exp_()  # (B + N,) u₀ = exp(m_row/ε) ∈ [0, 1]
+            v, r, v_min = _scaling_vectors(e, u, iterations, gather, rows)
+            exact = v_min >= torch.finfo(dtype).tiny ** 0.5  # the same on every rank
+            if gather:  # another rank's NaN reaches this rank's v through the all-reduce
+                finite = finite & torch.isfinite(v).all()
+        q = e[:rows]
+        if v is not None:
+            q.mul_(v)
+        q.div_(r[:, None])  # (B, K) Q = Diag(1/(E v)) E Diag(v)
+        if torch.compiler.is_compiling():
+            return q
+        finite, exact, local = torch.stack([finite, exact, local]).tolist()  # the one host sync
+        if not finite:
+            raise ValueError(_non_finite_message(blocks, names, iterations, elsewhere=local))
+        return q if exact else q.copy_(_log_codes(blocks, iterations, epsilon, gather, rows))
 
 
-# Where the fast path is tried: on GPUs, where the cost is passes over B × K, it makes fewer (13
-# instead of 20 for 3 iterations, and 23 instead of 35 kernels); on the CPU, where exp and fresh pages
-# dominate, the stable path is faster (benchmarks/results/cpu.log). Tests force either path everywhere.
-_FAST_PATH = {"cpu": False}
+def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype):
+    """E = exp((S − m_col − m_row)/ε) in one (B + N, K) buffer, and m_row/2 (B + N,).
+
+    The scores are halved before the shifts (exactly), so that no difference of finite scores
+    overflows; ``scale`` is 2/ε. Without ``shift_prototypes`` m_col is 0 (a plain softmax).
+    """
+    k = blocks[0].shape[1]
+    if shift_prototypes:
+        shift = _column_max(blocks, gather, dtype).mul_(-0.5)  # (K,) −m_col/2
+    else:
+        shift = blocks[0].new_zeros(k, dtype=dtype)
+    e = blocks[0].new_empty((sum(len(b) for b in blocks), k), dtype=dtype)
+    for b, part in zip(blocks, e.split([len(b) for b in blocks])):
+        torch.add(shift, b.detach(), alpha=0.5, out=part)  # (S − m_col)/2, 0 at each column's max
+    half_row_max = e.amax(dim=1)  # (B + N,) m_row/2 ≤ 0
+    e.sub_(half_row_max[:, None]).mul_(scale).exp_()  # (B + N, K) E ∈ [0, 1]
+    return e, half_row_max
 
 
-def _autocast_off(device_type: str):
-    """Autocast disabled (the codes are computed in float32 or float64), entered only if enabled."""
+def _scaling_vectors(e, u, iterations: int, gather: bool, rows: int):
+    """v (K,) and r = E v (rows,) after ``iterations`` rounds from u₀, and the smallest v met.
+
+    v is scaled to max 1 and clamped at tiny^0.8, so that E v ≥ tiny^0.8 and u stay finite.
+    """
+    floor = torch.finfo(e.dtype).tiny ** 0.8
+    v_mins = []
+    for t in range(iterations):
+        c = _matvec(e, u, transpose=True)  # (K,) Eᵀu ≥ min u > 0 thanks to each column's 1
+        if gather:
+            dist.all_reduce(c)  # prototype mass over all ranks' samples
+        low, high = torch.aminmax(c)
+        v_mins.append(low / high)
+        v = torch.div(low, c).clamp_(min=floor)  # (K,) v ∝ 1/(Eᵀu): each prototype gets 1/K
+        if t < iterations - 1:
+            u = _matvec(e, v).reciprocal_()  # (B + N,) u ∝ 1/(E v): each sample gets 1/B
+    return v, _matvec(e[:rows], v), torch.stack(v_mins).amin()
+
+
+def _matvec(e: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """E x (B,), or Eᵀx (K,) with ``transpose``.
+
+    On the CPU as a batched product over 8 row blocks: MKL runs ``torch.mv`` on one thread but
+    spreads a batched product over all of them (1.5–3× faster with 2 threads at 4096 × 3000).
+    """
+    n = e.shape[0]
+    if e.device.type != "cpu" or n % 8 or e.numel() < 2**18:
+        return torch.mv(e.t(), x) if transpose else torch.mv(e, x)
+    blocks = e.view(8, n // 8, -1)  # (8, n/8, K)
+    if transpose:
+        return torch.bmm(x.view(8, 1, -1), blocks).sum(dim=0)[0]  # (K,)
+    return torch.bmm(x.view(1, 1, -1).expand(8, 1, -1), blocks.transpose(1, 2)).view(n)  # (n,)
+
+
+def _log_codes(blocks, iterations: int, epsilon: float, gather: bool, rows: int) -> torch.Tensor:
+    """Exact Sinkhorn in the log domain, in float64: the hand-over for v beyond float32's range.
+
+    On Y = (S − m_col)/ε from f = 0: g = −logsumexp_b(Y + f) (K,), f = −logsumexp_k(Y + g) (B,),
+    and Q = softmax_k(Y + g). The potentials are added afresh at every half-iteration.
+    """
+    y = torch.cat([b.detach().to(torch.float64) for b in blocks])  # (B + N, K)
+    y = y.sub_(_column_max(blocks, gather, torch.float64)).div_(epsilon)
+    f = y.new_zeros(len(y), 1)  # (B + N, 1)
+    for t in range(iterations):
+        g = _neg_logsumexp(y + f, 0, gather)  # (1, K)
+        if t < iterations - 1:
+            f = _neg_logsumexp(y + g, 1, False)  # (B + N, 1)
+    return torch.softmax(y[:rows].add_(g), dim=1)  # (B, K)
+
+
+def _neg_logsumexp(x: torch.Tensor, dim: int, gather: bool) -> torch.Tensor:
+    """−log Σ exp(x) along ``dim`` (over all ranks' rows with ``gather``); overwrites x."""
+    m = x.amax(dim=dim, keepdim=True)
+    if gather:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    total = x.sub_(m).exp_().sum(dim=dim, keepdim=True)
+    if gather:
+        dist.all_reduce(total)
+    return total.log_().add_(m).neg_()
+
+
+def _column_max(blocks, gather: bool, dtype) -> torch.Tensor:
+    """m_col (K,): per-prototype maxima over all blocks (and ranks), exact in ``dtype``."""
+    m = torch.stack([b.detach().amax(dim=0).to(dtype) for b in blocks]).amax(dim=0)
+    if gather:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return m
+
+
+def _non_finite_message(blocks, names, iterations: int, elsewhere: bool) -> str:
+    if elsewhere:  # this rank's scores are fine; the gathered masses are not
+        return (f"sinkhorn: another rank's scores are not finite (NaN, +inf, or a sample or prototype "
+                f"with only -inf); this rank's {' and '.join(names)} are")
+    bad = [n for n, b in zip(names, blocks) if bool((b.isnan() | (b == math.inf)).any())]
+    if bad:
+        return f"sinkhorn: {' and '.join(bad)} must be finite: got NaN or +inf scores"
+    return (f"sinkhorn: {' and '.join(names)} must be finite: -inf is accepted only where every sample"
+            f"{' and every prototype' if iterations > 0 else ''} keeps a finite score "
+            f"(got shapes {[tuple(b.shape) for b in blocks]})")
+
+
+def _check_scores(out, queue, iterations):
+    """[out] or [out, queue] after checking their shapes, and their names for error messages."""
+    blocks, names = [out], ["out"]
+    if queue is not None:
+        blocks.append(queue)
+        names.append("queue")
+    for name, s in zip(names, blocks):
+        if not (isinstance(s, torch.Tensor) and s.dim() == 2 and s.is_floating_point()) or (
+            s.shape[1] == 0 or (name == "out" and s.shape[0] == 0)
+        ):
+            got = f"shape {tuple(s.shape)}, dtype {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"sinkhorn: {name} must be a non-empty 2-D floating-point tensor (B, K), got {got}")
+    if queue is not None and queue.shape[1] != out.shape[1]:
+        raise ValueError(f"sinkhorn: queue must have K={out.shape[1]} columns like out, got {tuple(queue.shape)}")
+    if queue is not None and len(queue) == 0:  # an empty queue adds nothing
+        return blocks[:1], names[:1]
+    return blocks, names
+
+
+def _check_int(name: str, value) -> int:
     try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    return torch.autocast(device_type=device_type, enabled=False) if enabled else contextlib.nullcontext()
+        number = None if isinstance(value, bool) else operator.index(value)  # NumPy ints too
+    except TypeError:
+        number = None
+    if number is None or number < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return number
 
 
-def _check_scores(scores: torch.Tensor, name: str) -> None:
-    if not isinstance(scores, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, K), got {type(scores).__name__}")
-    if scores.dim() != 2 or scores.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D tensor (B, K), got shape {tuple(scores.shape)}")
-    if not scores.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {scores.dtype}")
+def _check_positive(name: str, value) -> float:
+    # Comparisons only, so that torch.compile traces it on a symbolic float.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+        0.0 < value < math.inf and 1.0 / value < math.inf
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
-def _check_hyper(iterations, epsilon):
-    return _int_at_least("iterations", iterations, 0), _positive_number("epsilon", epsilon)
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+

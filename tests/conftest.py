@@ -1,5 +1,4 @@
 """Shared test set-up: the device list every tensor test is parametrised over, and hypothesis profiles."""
-import importlib
 import os
 
 import pytest
@@ -24,17 +23,6 @@ def pytest_generate_tests(metafunc):
     """Any test that takes a ``device`` argument runs once per available device."""
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", DEVICES)
-
-
-@pytest.fixture(params=["fast", "stable"])
-def codes_path(request, monkeypatch):
-    """Runs a test once with sinkhorn's fast path tried on every device, once with the stable path
-    only (by default the CPU takes the stable path and GPUs the fast one, see swav_core.sinkhorn)."""
-    sinkhorn_module = importlib.import_module("swav_core.sinkhorn")  # the attribute is the function
-
-    fast = request.param == "fast"
-    monkeypatch.setattr(sinkhorn_module, "_FAST_PATH", {"cpu": fast, "cuda": fast})
-    return request.param
 
 
 @pytest.fixture(autouse=True)

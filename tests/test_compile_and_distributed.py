@@ -91,7 +91,7 @@ def test_non_finite_scores_on_one_rank_raise_on_every_rank():
     """No rank hangs in a collective and none goes on with codes: each raises, and says whose scores."""
     messages = run_distributed(_codes_with_nan_on_rank_one, 2, cosine_scores(8, 5, "cpu"))
     assert messages[0].startswith("sinkhorn: another rank's scores are not finite")
-    assert messages[1].startswith("sinkhorn: probabilities must be finite: got NaN or +inf scores")
+    assert messages[1].startswith("sinkhorn: out must be finite: got NaN or +inf scores")
 
 
 def test_gather_without_process_group_is_single_process(device):

@@ -11,7 +11,6 @@ from oracles import make_crops, per_pair_oracle, textbook_fp64
 from strategies import examples, swav_crop_configs
 from swav_core import SwaVLoss
 
-pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
 
 # ---- value -------------------------------------------------------------------------------------
 
@@ -34,7 +33,7 @@ def test_matches_per_pair_oracle(device, config, temperature, iterations, epsilo
     torch.testing.assert_close(loss.double().cpu(), torch.as_tensor(expected).double(), rtol=1e-5, atol=1e-6)
 
 
-def test_reused_work_buffer_keeps_each_call_independent(device):
+def test_one_loss_module_keeps_each_call_independent(device):
     """One SwaVLoss over calls with growing, shrinking and regrowing queues, then a single backward of
     their sum (gradient accumulation) gives the same values and gradients as a fresh loss per call."""
     shared, calls = SwaVLoss(), []
@@ -49,6 +48,28 @@ def test_reused_work_buffer_keeps_each_call_independent(device):
         grads = torch.autograd.grad(fresh, crops)
         for z, g in zip(crops, grads):
             assert torch.equal(z.grad, g)
+
+
+def test_overridden_subloss_is_called_per_pair(device):
+    """A subclass' subloss sees each (prediction, code) pair, as in lightly: an override with the same
+    formula gives the base loss (which sums the codes first), and every pair v ≠ i is passed once."""
+    high, low, queue = make_crops(2, 3, 6, 9, [8, 8], 5, device)
+    pairs = []
+
+    class Recording(SwaVLoss):
+        def subloss(self, z, q):
+            pairs.append((z, q))
+            return -(q * F.log_softmax(z / self.temperature, dim=1)).sum(dim=1).mean()
+
+    loss = Recording()(high, low, queue)
+    torch.testing.assert_close(loss, SwaVLoss()(high, low, queue), rtol=1e-6, atol=1e-7)
+    assert len(pairs) == 2 * 4  # n_high · (n_crops − 1)
+    for i in range(2):
+        code = textbook_fp64(torch.cat([high[i], queue[i]]))[:6]
+        predictors = [z for v, z in enumerate(high + low) if v != i]
+        for (z, q), expected_z in zip(pairs[4 * i : 4 * i + 4], predictors):
+            assert torch.equal(z, expected_z)
+            torch.testing.assert_close(q.cpu().double(), code, rtol=1e-4, atol=1e-7)
 
 
 def test_iterations_zero_codes_are_the_softmax(device):
@@ -198,8 +219,10 @@ def test_bad_hyper_parameters_raise(kwargs, match):
 @pytest.mark.parametrize(
     "where, value, match",
     [
-        ("high", float("nan"), r"sinkhorn: high_resolution_outputs\[1\] must be finite: got NaN"),
-        ("queue", float("nan"), r"sinkhorn: queue_outputs\[1\] must be finite: got NaN or \+inf"),
+        ("high", float("nan"), r"codes of high_resolution_outputs\[1\] and queue_outputs\[1\]: sinkhorn: out must "
+                               r"be finite: got NaN"),
+        ("queue", float("nan"), r"codes of high_resolution_outputs\[1\] and queue_outputs\[1\]: sinkhorn: queue "
+                                r"must be finite: got NaN or \+inf"),
         ("high", float("-inf"), r"SwaVLoss: high_resolution_outputs\[1\] must be finite: its NaN or ±inf"),
         ("low", float("nan"), r"SwaVLoss: low_resolution_outputs\[1\] must be finite"),
         ("low", float("inf"), r"SwaVLoss: low_resolution_outputs\[1\] must be finite"),

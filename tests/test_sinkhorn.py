@@ -1,4 +1,5 @@
-"""sinkhorn(): fp64 textbook and exact log-domain oracles, stability, symmetries."""
+"""sinkhorn(): fp64 textbook and exact log-domain oracles, stability, symmetries, the queue argument."""
+import importlib
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from oracles import assert_matches_oracle, cosine_scores, exact_fp64, far_pair_s
 from strategies import examples, score_matrices
 from swav_core import sinkhorn
 
-pytestmark = pytest.mark.usefixtures("codes_path")  # fast and stable path
+sinkhorn_module = importlib.import_module("swav_core.sinkhorn")  # swav_core.sinkhorn is the function
+
 
 # ---- agreement with the textbook ----------------------------------------------------------------
 
@@ -33,6 +35,40 @@ def test_matches_textbook_fp64(device, scores, iterations, epsilon):
 def test_matches_textbook_fp64_large(device, batch, prototypes):
     scores = cosine_scores(batch, prototypes, device, seed=batch)
     assert_matches_oracle(sinkhorn(scores), textbook_fp64(scores))
+
+
+@settings(max_examples=examples(30))
+@given(scores=score_matrices(max_batch=24, max_abs=2.0), iterations=st.integers(0, 6), data=st.data())
+def test_queue_rows_share_the_equipartition(device, scores, iterations, data):
+    """``queue=`` returns the first B rows of the codes of the concatenation (SwAV's queue): against
+    the exact fp64 oracle on cat(out, queue), and equal to slicing sinkhorn's own full result."""
+    batch = data.draw(st.integers(1, len(scores)), label="batch")
+    scores = scores.to(device)
+    q = sinkhorn(scores[:batch], iterations, 0.05, queue=scores[batch:])
+    assert q.shape == (batch, scores.shape[1])
+    torch.testing.assert_close(q, sinkhorn(scores, iterations, 0.05)[:batch], rtol=1e-6, atol=1e-30)
+    if iterations == 0:  # a per-sample softmax: the queue plays no part
+        assert torch.equal(q, sinkhorn(scores[:batch], 0, 0.05))
+    else:
+        assert_matches_oracle(q, exact_fp64(scores, iterations, 0.05)[:batch])
+
+
+def test_log_domain_hand_over_only_beyond_float32s_range(device, monkeypatch):
+    """v spanning more than float32 can scale (a far prototype after many rounds at small ε) sends
+    the codes to exact log-domain Sinkhorn in float64; SwAV's shapes and settings never go there."""
+    calls = []
+    log_codes = sinkhorn_module._log_codes
+    monkeypatch.setattr(sinkhorn_module, "_log_codes", lambda *a: calls.append(1) or log_codes(*a))
+    scores = far_pair_scores().to(device)
+    for iterations, handed_over in [(10, False), (30, True)]:
+        calls.clear()
+        q = sinkhorn(scores, iterations, 0.01)
+        assert calls == ([1] if handed_over else [])
+        assert_matches_oracle(q, exact_fp64(scores, iterations, 0.01))
+    for batch in (256, 4096):
+        calls.clear()
+        sinkhorn(cosine_scores(batch, 3000, device, seed=batch), 3, 0.01)
+        assert calls == []
 
 
 @settings(max_examples=examples(30))
@@ -181,25 +217,16 @@ def test_equivariant_to_permutations(device, scores, iterations, data):
     constant=st.integers(-100, 100),
     data=st.data(),
 )
-def test_invariant_to_global_and_per_prototype_constants(device, codes_path, scores, iterations, constant, data):
-    """Adding c to every score (and, for ≥ 1 iteration, a_k to prototype k) changes nothing. The grid
-    scores plus integers are exact in float32; the stable path subtracts maxima, so the shifts cancel
-    exactly and the codes are equal. The fast path exponentiates S/ε as given, only where |S|/ε < 89
-    (it falls back beyond): equal up to the rounding of the exponents, 4·89·2⁻²⁴ per call."""
+def test_invariant_to_global_and_per_prototype_constants(device, scores, iterations, constant, data):
+    """Adding c to every score (and, for ≥ 1 iteration, a_k to prototype k) changes nothing, bit for
+    bit: the grid scores plus integers are exact in float32, and the maxima subtracted before the
+    exponential cancel the shifts exactly."""
     scores = scores.to(device)
     q = sinkhorn(scores, iterations, 0.05)
-
-    def assert_same(shifted):
-        if codes_path == "stable":
-            assert torch.equal(shifted, q)
-        else:
-            rtol = 1e-6 + 2 * 4 * 89 * 2.0**-24
-            torch.testing.assert_close(shifted, q, rtol=rtol, atol=1e-30)
-
-    assert_same(sinkhorn(scores + constant, iterations, 0.05))
+    assert torch.equal(sinkhorn(scores + constant, iterations, 0.05), q)
     if iterations > 0:
         a = data.draw(st.lists(st.integers(-50, 50), min_size=scores.shape[1], max_size=scores.shape[1]))
-        assert_same(sinkhorn(scores + torch.tensor(a, device=device), iterations, 0.05))
+        assert torch.equal(sinkhorn(scores + torch.tensor(a, device=device), iterations, 0.05), q)
 
 
 def test_no_gradient_and_input_untouched(device):
