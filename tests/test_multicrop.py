@@ -3,6 +3,7 @@ position, clipping on non-square inputs), exact identity, flips, intensity jitte
 CPU/CUDA agreement. Presets and argument checks are in test_multicrop_inputs.py."""
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -208,3 +209,32 @@ def test_other_float_dtypes_are_kept(device, dtype, atol):
     got = crops(x.to(dtype), torch.Generator().manual_seed(0))
     for a, b in zip(ref[0] + ref[1], got[0] + got[1]):
         assert b.dtype == dtype and torch.allclose(a, b.float(), atol=atol, rtol=0)
+
+
+@settings(max_examples=examples(15))
+@given(dtype=st.sampled_from([torch.float16, torch.bfloat16]), intensity=st.floats(0.01, 0.99),
+       seed=st.integers(0, 2**31))
+@example(dtype=torch.float16, intensity=0.3, seed=0)  # issue 12: inf crops from fp16 input near 60,000
+def test_narrow_dtypes_give_finite_crops_or_refuse_by_range(device, dtype, intensity, seed):
+    """float16 / bfloat16 crops are the float32 crops cast back, and never overflow: the jitter reaches
+    (1 + i)|x| + i, so a batch within ±(max − i)/(1 + i) gives finite crops whatever the draws, and one
+    value beyond that bound is refused, naming the dtype and the batch's range."""
+    top = torch.finfo(dtype).max
+    limit = (top - intensity) / (1 + intensity)
+    bits = torch.tensor([limit], dtype=torch.float64).to(dtype).view(torch.int16)  # limit rounded to nearest
+    inside = bits.view(dtype) if float(bits.view(dtype)) <= limit else (bits - 1).view(dtype)  # largest <= limit
+    outside = (inside.view(torch.int16) + 1).view(dtype)  # the next representable value
+    assert (1 + intensity) * float(inside) + intensity <= top < (1 + intensity) * float(outside) + intensity
+    signs = torch.tensor([1.0, -1.0]).repeat(8).view(16, 1, 1, 1)
+    x = (signs * inside.float()).expand(16, 2, 9, 9).to(device=device, dtype=dtype)  # every value at the edge
+    x[0, 1, 4, 4] = 0.5  # and not a constant image
+    crops = MultiCrop(7, (4, 5), 1, 2, high_scale=(0.3, 1), low_scale=(0.1, 0.3), intensity=intensity)
+    high, low = crops(x, torch.Generator().manual_seed(seed))
+    ref_high, ref_low = crops(x.float(), torch.Generator().manual_seed(seed))
+    for c, ref in zip(high + low, ref_high + ref_low):
+        assert c.dtype == dtype and torch.isfinite(c).all()
+        assert torch.equal(c, ref.to(dtype))  # computed in float32, rounded once
+    x[3, 0, 2, 2] = -outside.item()
+    got = re.escape(f"got values in [{-float(outside):g}, {float(inside):g}]")
+    with pytest.raises(ValueError, match=rf"intensity={re.escape(repr(intensity))}\).*a {dtype} batch .*{got}"):
+        crops(x, torch.Generator().manual_seed(seed))

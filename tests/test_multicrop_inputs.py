@@ -27,7 +27,7 @@ def test_presets(device):
     fair, fmcib = MultiCrop.fair_2d(), MultiCrop.fmcib_3d()
     assert (fair.high_size, fair.low_size, fair.n_high, fair.n_low) == ((224,), (96,), 2, 6)
     assert (fair.high_scale, fair.low_scale) == ((0.14, 1.0), (0.05, 0.14))
-    assert (fmcib.high_size, fmcib.low_size, fmcib.n_high, fmcib.n_low) == ((50,), (25,), 2, 6)
+    assert (fmcib.high_size, fmcib.low_size, fmcib.n_high, fmcib.n_low) == ((50, 50, 50), (25, 25, 25), 2, 6)
     assert (fmcib.high_scale, fmcib.low_scale) == ((0.5, 1.0), (0.3, 0.5))
     assert fmcib.scale_per_side and not fair.scale_per_side  # monai's RandScaleCrop vs torchvision
     high, low = fmcib(torch.rand(2, 1, 30, 30, 30, device=device))
@@ -102,9 +102,17 @@ def test_bad_inputs_raise(device, x, match):
         MultiCrop(4, 2)(x.to(device))
 
 
-def test_size_with_wrong_number_of_dims_raises(device):
-    with pytest.raises(ValueError, match="3 dims but the input has 2"):
-        MultiCrop((4, 4, 4), 2)(torch.rand(1, 1, 8, 8, device=device))
+@pytest.mark.parametrize("crops, shape, match", [
+    # one unbatched volume, as monai hands them out: the 3D preset's sizes say it expects 5-D input
+    (MultiCrop.fmcib_3d(), (1, 64, 64, 64),
+     r"high_size=\(50, 50, 50\) is 3-D, so MultiCrop expects \(B, C, D, H, W\), got shape \(1, 64, 64, 64\); "
+     r"one volume \(C, D, H, W\) needs x\[None\]$"),
+    (MultiCrop(4, (2, 2)), (2, 1, 8, 8, 8), r"low_size=\(2, 2\) is 2-D, so MultiCrop expects \(B, C, H, W\), got shape "
+                                            r"\(2, 1, 8, 8, 8\)$"),
+])
+def test_size_with_wrong_number_of_dims_raises(device, crops, shape, match):
+    with pytest.raises(ValueError, match=match):
+        crops(torch.rand(shape, device=device))
 
 
 @pytest.mark.parametrize("generator", [0, "cpu", torch.Generator, torch.device("cpu")])
