@@ -84,7 +84,8 @@ class MultiCrop:
         scale_per_side: the scales are fractions of each side, not of the area / volume. Default: False
 
     Shape:
-        input: (B, C, H, W) or (B, C, D, H, W), floating point, any device; a size tuple fixes which.
+        input: (B, C, H, W) or (B, C, D, H, W), floating point (half precision is cropped in float32),
+        any device; a size tuple fixes which.
         output: ``n_high`` tensors (B, C, *high_size) and ``n_low`` tensors (B, C, *low_size), in the
         input's dtype and device. Randomness comes from ``generator`` (drawn on its device, so a CPU
         generator drives a CUDA batch reproducibly), else from the batch device's default generator.
