@@ -28,8 +28,7 @@ class MemoryBankModule(nn.Module):
             0 disables the queue. Default: 65536
         gather_distributed: push the batch all-gathered from every rank (all ranks then hold the
             same queue; ranks may differ in batch size). Default: False
-        feature_dim_first: ``forward`` returns the bank as (D, length) rather than (length, D).
-            Default: True
+        feature_dim_first: ``forward`` returns the bank as (D, length), not (length, D). Default: True
 
     Shape:
         push(x): x (B, D).  features(): (num_filled, D).  bank: (length, D).
@@ -92,8 +91,8 @@ class MemoryBankModule(nn.Module):
 
     def _check_batch(self, x: torch.Tensor, what: str) -> None:
         dim = self.dim
-        if not isinstance(x, torch.Tensor) or x.ndim != 2 or not 0 < x.shape[1] == (dim or x.shape[1]):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if not (torch.is_tensor(x) and x.ndim == 2 and x.shape[1] > 0 and x.shape[1] == (dim or x.shape[1])):
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             want = f"(B, {dim}) to match the bank {tuple(self.bank.shape)}" if dim else "(B, D) with D > 0"
             raise ValueError(f"MemoryBankModule.{what} expects features of shape {want}, got {shape}")
 
@@ -150,14 +149,15 @@ class MemoryBankModule(nn.Module):
     def _state_errors(self, prefix: str, bank, ptr, filled) -> List[str]:
         """Why a saved queue does not fit this one; empty when it does."""
         length, dim = self.length, self.dim if isinstance(self.size, tuple) else "D"
-        got = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+        got = tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__
         if not (torch.is_tensor(bank) and bank.ndim == 2 and got[0] == length and dim in ("D", got[1])):
             return [f"size mismatch for {prefix}bank: copying a queue of shape {got}, "
                     f"the queue in the current model has shape {(length, dim)}"]
         problems = []
         for name, value, top in (("bank_ptr", ptr, max(length, 1) - 1), ("bank_filled", filled, length)):
-            if not (_is_int_scalar(value) and value.dtype != torch.bool):
-                tensor = torch.is_tensor(value)
+            tensor = torch.is_tensor(value)
+            integer = tensor and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+            if not integer or value.ndim:
                 what = f"shape {tuple(value.shape)}, dtype {value.dtype}" if tensor else type(value).__name__
                 problems.append(f"{prefix}{name} must be a 0-dim integer tensor, got {value!r} ({what})")
             elif not 0 <= int(value) <= top:
@@ -184,19 +184,11 @@ def _parse_size(size) -> Tuple[int, Optional[int]]:
                      f"got {size!r}")
 
 
-def _is_int_scalar(value) -> bool:  # a 0-dim integer or bool tensor
-    return torch.is_tensor(value) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex())
-
-
 def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (also NumPy's, or a 0-dim integer tensor), else a ValueError: "no" is truthy."""
-    number = value
-    if torch.is_tensor(value):
-        number = value.item() if _is_int_scalar(value) else None
-    elif type(value).__name__ in ("bool", "bool_"):  # NumPy 2's bool has no __index__
-        number = bool(value)
+    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
     try:
-        number = operator.index(number)
+        number = bool(value) if isinstance(value, bool) or numpy_bool else operator.index(value)
     except TypeError:
         number = None
     if number not in (0, 1):
