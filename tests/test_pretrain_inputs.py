@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from swav_core.pretrain import checkpoint, main, train
-from swav_core.pretrain.backbones import SmallCNN
+from swav_core.pretrain.train import SmallCNN
 
 from test_pretrain import TINY, _assert_states_equal, _ckpt, _env, _job
 

@@ -8,10 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swav_core.pretrain.cli import UsageError
-from swav_core.pretrain.data import batch_indices, load_folder
-from swav_core.pretrain.knn import knn_top1
-from swav_core.pretrain.synthetic import CLASSES_2D, CLASSES_3D, synthetic2d, synthetic3d
+from swav_core.pretrain.data import (CLASSES_2D, CLASSES_3D, UsageError, batch_indices, load_folder, synthetic2d,
+                                     synthetic3d)
+from swav_core.pretrain.evaluate import knn_top1
 from swav_core.pretrain.train import lr_at
 from strategies import examples
 

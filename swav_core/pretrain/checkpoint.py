@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
-from .. import distributed as D
-from .cli import UsageError
+from .data import UsageError
 
 __all__ = ["save", "load", "gather", "check_config", "rng_state", "set_rng_state"]
 
@@ -40,7 +39,7 @@ def gather(obj: Any) -> List[Any]:
     with the same structure and shapes on every rank. Gathered tensor by tensor: torch's
     ``all_gather_object`` needs numpy, which the job does not require.
     """
-    n = D.world_size()
+    n = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if n == 1:
         return [obj]
     if isinstance(obj, dict):
@@ -60,6 +59,7 @@ def gather(obj: Any) -> List[Any]:
 
 
 def rng_state() -> Dict[str, Any]:
+    """The global torch CPU (and CUDA) generator states, for :func:`set_rng_state`."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return {"torch": torch.get_rng_state(), "cuda": cuda}
 
@@ -81,7 +81,7 @@ def load(path: str) -> Dict[str, Any]:
     """Read ``path`` on the CPU; a missing or unreadable file is a :class:`UsageError` naming it."""
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path}; run once without --resume first")
-    # Checkpoints written before the version was saved as a str hold a TorchVersion (torch >= 2.5 API).
+    # Older checkpoints hold the torch version as a TorchVersion, not a str (safe_globals: torch >= 2.5).
     allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())([TorchVersion])
     try:
         with allow:

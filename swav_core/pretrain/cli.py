@@ -1,11 +1,13 @@
 """Command line of ``python -m swav_core.pretrain``: options, their defaults and help."""
 import argparse
 import math
-import os
 import sys
 from typing import List, Optional, Tuple
 
-__all__ = ["UsageError", "build_parser", "check_args", "main"]
+from .data import UsageError
+from .train import run
+
+__all__ = ["build_parser", "main"]
 
 DESCRIPTION = """\
 Pretrain a small CNN with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate its
@@ -36,11 +38,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         if not hidden and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
-
-
-class UsageError(ValueError):
-    """Bad input to the job (an option, the data, the checkpoint): :func:`main` reports it as argparse
-    does, one ``error:`` line and exit code 2, instead of a traceback. Messages name the option and value."""
 
 
 def _int_at_least(lo: int, why: str = ""):
@@ -89,77 +86,75 @@ def _widths(text: str) -> Tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The job's options, in three groups: the run, SwAV, crops and optimisation."""
     p = argparse.ArgumentParser(prog="python -m swav_core.pretrain", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=_Formatter)
-    run = p.add_argument_group("run")
-    run.add_argument("--out", default="runs/pretrain", help="output folder for checkpoint.pt, log.csv, metrics.json")
-    run.add_argument("--data", default="synthetic2d",
-                     help="synthetic2d (8 shape classes, 32x32), synthetic3d (5 lesion classes, 24^3) or a "
-                          "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape")
-    run.add_argument("--steps", type=_positive, default=1000,
-                     help="length of the whole schedule in optimisation steps (also when resuming)")
-    run.add_argument("--batch-size", type=_int_at_least(2, " (BatchNorm needs 2 samples per step)"), default=None,
-                     help="samples per step and process, B >= 2 (default: 64 for 2D data, 32 for 3D)")
-    run.add_argument("--seed", type=int, default=0,
-                     help="seed of the data, the initialisation, every crop and torch's global RNG (per rank)")
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
-    run.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass and loss")
-    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt up to --steps")
-    run.add_argument("--stop-at", type=_positive, default=None, metavar="K",
-                     help="stop after step K and save a checkpoint, exactly as an interruption would")
-    run.add_argument("--log-every", type=_positive, default=25, help="steps between progress lines / log rows")
-    run.add_argument("--ckpt-every", type=_positive, default=100, help="steps between checkpoints")
-
-    swav = p.add_argument_group("SwAV")
-    swav.add_argument("--prototypes", type=_positive, default=48, help="number of prototypes K")
-    swav.add_argument("--out-dim", type=_positive, default=32, help="projection dimension D")
-    swav.add_argument("--queue-length", type=_non_negative, default=256,
-                      help="rows of each high-resolution crop's feature queue; 0 disables the queue")
-    swav.add_argument("--freeze-prototypes-steps", type=_non_negative, default=20,
-                      help="optimisation steps during which the prototypes do not train")
-    swav.add_argument("--epsilon", type=_positive_float, default=0.05, help="Sinkhorn entropy ε")
-    swav.add_argument("--sinkhorn-iterations", type=_non_negative, default=3, help="Sinkhorn iterations")
-    swav.add_argument("--temperature", type=_positive_float, default=0.2,
-                      help="softmax temperature τ of the loss (paper: 0.1; 0.2 suits this job's small K and D)")
-    swav.add_argument("--group-crops-by-resolution", action="store_true",
-                      help="FAIR's multi-crop forward: one backbone call per resolution instead of per crop")
-
-    crops = p.add_argument_group("crops and optimisation")
-    crops.add_argument("--high-size", type=_positive, default=None, help="high-res crop size (default: the data's size)")
-    crops.add_argument("--low-size", type=_positive, default=None, help="low-res crop size (default: half the high size)")
-    crops.add_argument("--n-low", type=_non_negative, default=4, help="number of low-res crops (2 high-res crops)")
-    crops.add_argument("--high-scale", type=_scale, default=(0.3, 1.0), help="area/volume fraction LO,HI of high-res crops")
-    crops.add_argument("--low-scale", type=_scale, default=(0.08, 0.3), help="area/volume fraction LO,HI of low-res crops")
-    crops.add_argument("--intensity", type=float, default=0.2, help="intensity jitter a*x+b, a in 1±i, b in ±i")
-    crops.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW, or SGD with momentum 0.9")
-    crops.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
-    crops.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
-    crops.add_argument("--warmup-steps", type=_non_negative, default=20,
-                       help="linear warm-up steps, at most half of --steps (a shorter run warms up for "
-                            "steps // 2, so its lr still decays)")
-    crops.add_argument("--widths", type=_widths, default=None,
-                       help="channels of the CNN's stages, comma-separated (default: 16,32,64,128 for 2D, 8,16,32,64 for 3D)")
-    crops.add_argument("--n-train", type=_positive, default=None,
-                       help="synthetic training samples (default: 4096 for 2D, 1536 for 3D)")
-    crops.add_argument("--n-test", type=_positive, default=1024, help="held-out synthetic samples for the k-NN evaluation")
-    crops.add_argument("--knn-k", type=_positive, default=20,
-                       help="neighbours of the k-NN evaluation, at most the number of training samples")
+    _run_options(p.add_argument_group("run"))
+    _swav_options(p.add_argument_group("SwAV"))
+    _crop_options(p.add_argument_group("crops and optimisation"))
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """The checks that need neither the data nor the checkpoint; raise :class:`UsageError`."""
-    import torch
+def _run_options(group) -> None:
+    group.add_argument("--out", default="runs/pretrain", help="output folder for checkpoint.pt, log.csv, metrics.json")
+    group.add_argument("--data", default="synthetic2d",
+                       help="synthetic2d (8 shape classes, 32x32), synthetic3d (5 lesion classes, 24^3) or a "
+                            "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape")
+    group.add_argument("--steps", type=_positive, default=1000,
+                       help="length of the whole schedule in optimisation steps (also when resuming)")
+    group.add_argument("--batch-size", type=_int_at_least(2, " (BatchNorm needs 2 samples per step)"), default=None,
+                       help="samples per step and process, B >= 2 (default: 64 for 2D data, 32 for 3D)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the data, the initialisation, every crop and torch's global RNG (per rank)")
+    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass and loss")
+    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt up to --steps")
+    group.add_argument("--stop-at", type=_positive, default=None, metavar="K",
+                       help="stop after step K and save a checkpoint, exactly as an interruption would")
+    group.add_argument("--log-every", type=_positive, default=25, help="steps between progress lines / log rows")
+    group.add_argument("--ckpt-every", type=_positive, default=100, help="steps between checkpoints")
 
-    if args.stop_at is not None and args.stop_at > args.steps:
-        raise UsageError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} is a file, expected a folder (or a path to create one)")
-    checkpoint = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and not os.path.isfile(checkpoint):
-        raise UsageError(f"--resume: no checkpoint at {checkpoint}; run once without --resume first")
+
+def _swav_options(group) -> None:
+    group.add_argument("--prototypes", type=_positive, default=48, help="number of prototypes K")
+    group.add_argument("--out-dim", type=_positive, default=32, help="projection dimension D")
+    group.add_argument("--queue-length", type=_non_negative, default=256,
+                       help="rows of each high-resolution crop's feature queue; 0 disables the queue")
+    group.add_argument("--freeze-prototypes-steps", type=_non_negative, default=20,
+                       help="optimisation steps during which the prototypes do not train")
+    group.add_argument("--epsilon", type=_positive_float, default=0.05, help="Sinkhorn entropy ε")
+    group.add_argument("--sinkhorn-iterations", type=_non_negative, default=3, help="Sinkhorn iterations")
+    group.add_argument("--temperature", type=_positive_float, default=0.2,
+                       help="softmax temperature τ of the loss (paper: 0.1; 0.2 suits this job's small K and D)")
+    group.add_argument("--group-crops-by-resolution", action="store_true",
+                       help="FAIR's multi-crop forward: one backbone call per resolution instead of per crop")
+
+
+def _crop_options(group) -> None:
+    group.add_argument("--high-size", type=_positive, default=None,
+                       help="high-res crop size (default: the data's size)")
+    group.add_argument("--low-size", type=_positive, default=None,
+                       help="low-res crop size (default: half the high size)")
+    group.add_argument("--n-low", type=_non_negative, default=4, help="number of low-res crops (2 high-res crops)")
+    group.add_argument("--high-scale", type=_scale, default=(0.3, 1.0),
+                       help="area/volume fraction LO,HI of high-res crops")
+    group.add_argument("--low-scale", type=_scale, default=(0.08, 0.3),
+                       help="area/volume fraction LO,HI of low-res crops")
+    group.add_argument("--intensity", type=float, default=0.2, help="intensity jitter a*x+b, a in 1±i, b in ±i")
+    group.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW, or SGD with momentum 0.9")
+    group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    group.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    group.add_argument("--warmup-steps", type=_non_negative, default=20,
+                       help="linear warm-up steps, at most half of --steps (a shorter run warms up for "
+                            "steps // 2, so its lr still decays)")
+    group.add_argument("--widths", type=_widths, default=None,
+                       help="channels of the CNN's stages, comma-separated (default: 16,32,64,128 for 2D, 8,16,32,64 for 3D)")
+    group.add_argument("--n-train", type=_positive, default=None,
+                       help="synthetic training samples (default: 4096 for 2D, 1536 for 3D)")
+    group.add_argument("--n-test", type=_positive, default=1024,
+                       help="held-out synthetic samples for the k-NN evaluation")
+    group.add_argument("--knn-k", type=_positive, default=20,
+                       help="neighbours of the k-NN evaluation, at most the number of training samples")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -169,8 +164,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .train import run  # the heavy imports only once the arguments parse
-
     try:
         return run(args)
     except UsageError as e:

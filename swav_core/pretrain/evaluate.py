@@ -1,13 +1,18 @@
-"""The job's final evaluation: k-NN top-1 of the pretrained backbone and of its random initialisation."""
+"""The job's final evaluation: k-NN top-1 of the pretrained backbone and of its random initialisation.
+
+The classifier is the weighted k-NN vote of Wu et al. (2018) that DINO and SwAV report: cosine
+similarity of L2-normalised frozen features, each of the k nearest training samples voting for its
+label with weight exp(similarity / T).
+"""
 from typing import Any, Dict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import Data
-from .knn import embed, knn_top1
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "embed", "knn_top1"]
 
 
 def evaluate(model: nn.Module, init_backbone: nn.Module, data: Data, device: torch.device, k: int) -> Dict[str, Any]:
@@ -22,3 +27,38 @@ def evaluate(model: nn.Module, init_backbone: nn.Module, data: Data, device: tor
         bank, queries = embed(backbone, data.train, device=device), embed(backbone, data.test, device=device)
         scores[name] = knn_top1(bank, data.train_labels, queries, data.test_labels, k=k)
     return {**scores, "knn_k": k, "knn_test_samples": len(data.test)}
+
+
+@torch.no_grad()
+def embed(backbone: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """L2-normalised ``backbone`` features of every sample, in eval mode (BatchNorm running stats).
+
+    Shape:
+        x: (N, C, *spatial). Output: (N, D) float32 on the CPU.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        out = [backbone(chunk.to(device)).flatten(1).float().cpu() for chunk in x.split(batch_size)]
+    finally:
+        backbone.train(was_training)
+    return F.normalize(torch.cat(out), dim=1)
+
+
+@torch.no_grad()
+def knn_top1(train_z: torch.Tensor, train_y: torch.Tensor, test_z: torch.Tensor, test_y: torch.Tensor,
+             k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 accuracy of a cosine-similarity k-NN classifier with votes weighted by exp(sim / T).
+
+    Shape:
+        train_z: (N, D) and test_z: (M, D), L2-normalised; train_y: (N,), test_y: (M,) int labels.
+    """
+    if not 1 <= k <= train_z.shape[0]:
+        raise ValueError(f"k must be in [1, {train_z.shape[0]}] (the bank size), got {k}")
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = 0
+    for z, y in zip(test_z.split(1024), test_y.split(1024)):
+        sim, idx = (z @ train_z.T).topk(k, dim=1)  # (m, k)
+        votes = torch.zeros(z.shape[0], n_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += int((votes.argmax(1) == y).sum())
+    return correct / test_z.shape[0]

@@ -1,29 +1,59 @@
-"""The pretraining loop: set-up (single process or torchrun), steps, checkpoints, stop and resume."""
+"""The pretraining loop: the backbone, set-up (single process or torchrun), steps, checkpoints, the
+learning-rate schedule, stop on a signal and resume."""
 import argparse
 import copy
 import gc
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import distributed as D
-from ..loss import SwaVLoss
-from ..model import SwaV
-from ..multicrop import MultiCrop
+from .. import MultiCrop, SwaV, SwaVLoss
 from . import checkpoint, report
-from .backbones import SmallCNN
-from .cli import UsageError, check_args
-from .data import Data, batch_indices, derive_seed, load_data
+from .data import Data, UsageError, batch_indices, derive_seed, load_data
 from .evaluate import evaluate
-from .signals import StopRequest
 
-__all__ = ["run", "lr_at"]
+__all__ = ["run", "lr_at", "SmallCNN", "StopRequest", "rank", "world_size"]
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU stages, each halving the resolution after the first, then global average pooling.
+
+    Works on any input size ≥ 2^(len(widths) - 1), so high- and low-resolution crops share it.
+
+    Args:
+        in_channels: input channels C.
+        dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W). Default: 2
+        widths: output channels of each 3×3(×3) stage. Default: (16, 32, 64, 128)
+
+    Shape:
+        input: (B, C, H, W) or (B, C, D, H, W). Output: (B, widths[-1]), the SwaV ``num_ftrs``.
+    """
+
+    def __init__(self, in_channels: int = 1, dims: int = 2, widths: Sequence[int] = (16, 32, 64, 128)):
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
+        layers, c = [], in_channels
+        for i, w in enumerate(widths):
+            layers += [conv(c, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False), norm(w), nn.ReLU(inplace=True)]
+            c = w
+        self.features = nn.Sequential(*layers, pool, nn.Flatten(1))
+        self.num_ftrs = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (B, num_ftrs)
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
@@ -38,6 +68,75 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()  # checked at each call, never cached
+
+
+def world_size() -> int:
+    """Processes in the default group, 1 without one."""
+    return dist.get_world_size() if _distributed() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default group, 0 without one."""
+    return dist.get_rank() if _distributed() else 0
+
+
+def _say(*args) -> None:
+    """print on rank 0 only, flushed (progress is read live, also through pipes)."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over all ranks in place; unchanged without a group."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step and save a checkpoint.
+
+    A context manager installing the handlers (main thread only) and restoring the previous ones.
+    The first signal sets a flag the loop reads at the end of each step; a second one raises
+    ``KeyboardInterrupt`` at once. Under torchrun the flag is OR-reduced over ranks every step, so
+    all ranks stop after the same step and save one consistent checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _say(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort now)")
+
+    def requested_anywhere(self, device: torch.device) -> bool:
+        """True when any rank received a signal (a collective: every rank must call it each step).
+
+        ``device`` is the training device: NCCL reduces CUDA tensors only.
+        """
+        if world_size() == 1:
+            return self.requested
+        return bool(_sum_over_ranks(torch.tensor([float(self.requested)], device=device)).item() > 0)
+
+
 def _setup_distributed(device_name: str):
     """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); return (device, owns_group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -45,7 +144,7 @@ def _setup_distributed(device_name: str):
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    owns_group = world > 1 and not D.is_distributed()
+    owns_group = world > 1 and not _distributed()
     if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, owns_group
@@ -68,7 +167,7 @@ def _build(args: argparse.Namespace, data: Data, device: torch.device):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = SwaVLoss(args.temperature, args.sinkhorn_iterations, args.epsilon,
-                       sinkhorn_gather_distributed=D.world_size() > 1)
+                       sinkhorn_gather_distributed=world_size() > 1)
     return crops, model, optimizer, loss_fn
 
 
@@ -76,9 +175,22 @@ def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The checks that need neither the data nor the checkpoint; raise :class:`UsageError`."""
+    if args.stop_at is not None and args.stop_at > args.steps:
+        raise UsageError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file, expected a folder (or a path to create one)")
+    path = os.path.join(args.out, "checkpoint.pt")
+    if args.resume and not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint at {path}; run once without --resume first")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption)."""
-    check_args(args)
+    _check_args(args)
     device, owns_group = _setup_distributed(args.device)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     try:  # the job seeds torch's global RNG for itself; the caller's is restored afterwards
@@ -105,11 +217,6 @@ class _Progress:
     # the steps since (after a resume, ``window`` also holds losses from before the interruption).
     window_start: float = field(default_factory=time.perf_counter)
     window_from: int = 0
-
-
-def _say(*args) -> None:
-    if D.rank() == 0:
-        print(*args, flush=True)
 
 
 def _with_data_defaults(args: argparse.Namespace, data: Data) -> argparse.Namespace:
@@ -142,14 +249,14 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
     # The job's own steps do not draw from the global RNG (data order and crops have seeded generators
     # of their own), a user's backbone may (dropout). Seeded per rank after _build, whose seeded
     # initialisation resets the CUDA generators; --resume then restores the saved states.
-    torch.manual_seed(derive_seed("global", args.seed, D.rank()))
+    torch.manual_seed(derive_seed("global", args.seed, rank()))
     init_backbone = copy.deepcopy(model.backbone).cpu()  # the random-initialisation baseline
     progress = _resume(args, config, paths["checkpoint.pt"], model, optimizer) if args.resume else _Progress()
-    if D.rank() == 0:
+    if rank() == 0:
         report.reset_log(paths["log.csv"], progress.step)
-    net = DistributedDataParallel(model) if D.world_size() > 1 else model
+    net = DistributedDataParallel(model) if world_size() > 1 else model
     end = min(args.steps, args.stop_at or args.steps)
-    _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {D.world_size()} process(es) on {device} | "
+    _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {world_size()} process(es) on {device} | "
          f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
     progress.window_start, progress.window_from = time.perf_counter(), progress.step
     for step in range(progress.step, end):
@@ -172,28 +279,29 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
 
 def _resume(args, config, path: str, model, optimizer) -> _Progress:
     ckpt = checkpoint.load(path)
-    checkpoint.check_config(ckpt["config"], config, ckpt["world_size"], D.world_size())
+    checkpoint.check_config(ckpt["config"], config, ckpt["world_size"], world_size())
     if args.steps < ckpt["step"]:
         raise UsageError(f"--steps {args.steps} but the checkpoint is already at step {ckpt['step']}; "
                          f"pass --steps {ckpt['step']} or more")
     if args.stop_at is not None and args.stop_at <= ckpt["step"]:
         raise UsageError(f"--stop-at {args.stop_at} but the checkpoint is already at step {ckpt['step']}")
-    model.load_state_dict(ckpt["model_per_rank"][D.rank()], strict=True)
+    model.load_state_dict(ckpt["model_per_rank"][rank()], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
-    checkpoint.set_rng_state(ckpt["rng"][D.rank()])
+    checkpoint.set_rng_state(ckpt["rng"][rank()])
     _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
-    window = ckpt["loss_window_per_rank"][D.rank()].tolist()  # so the next log row averages the same steps
+    window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
     return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], window)
 
 
 def _train_step(args, step: int, data: Data, crops: MultiCrop, net, loss_fn, optimizer, device, progress) -> None:
     """One optimisation step; its data and crops depend only on (seed, step, rank)."""
     t0 = time.perf_counter()
-    rank, world = D.rank(), D.world_size()
+    r, world = rank(), world_size()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args.steps, args.lr, args.warmup_steps)
-    x = data.train[batch_indices(step, args.batch_size, len(data.train), args.seed, rank, world)]
-    high, low = crops(x.to(device), generator=torch.Generator().manual_seed(derive_seed("crops", args.seed, step, rank)))
+    x = data.train[batch_indices(step, args.batch_size, len(data.train), args.seed, r, world)]
+    generator = torch.Generator().manual_seed(derive_seed("crops", args.seed, step, r))
+    high, low = crops(x.to(device), generator=generator)
     epoch = step * args.batch_size * world // len(data.train)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         high_scores, low_scores, queue_scores = net((high, low), epoch=epoch, step=step)
@@ -214,10 +322,10 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     """A progress line and a log.csv row: the mean loss over all ranks since the last line; crops/s
     and the ETA from the steps run in this session since then (see :class:`_Progress`)."""
     mean = sum(progress.window) / len(progress.window)
-    mean = D.all_reduce_sum_(torch.tensor([mean], device=device)).item() / D.world_size()
+    mean = _sum_over_ranks(torch.tensor([mean], device=device)).item() / world_size()
     elapsed, ran = time.perf_counter() - progress.window_start, progress.step - progress.window_from
-    cps = ran * args.batch_size * (crops.n_high + crops.n_low) * D.world_size() / elapsed
-    if D.rank() == 0:
+    cps = ran * args.batch_size * (crops.n_high + crops.n_low) * world_size() / elapsed
+    if rank() == 0:
         _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * elapsed / ran))
         report.append_log(path, dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
                                      crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}"))
@@ -228,21 +336,21 @@ def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
     """Every rank's state is gathered (its own queues), rank 0 writes, all wait for the file."""
     states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
     windows = checkpoint.gather(torch.tensor(progress.window, dtype=torch.float64))  # unlogged losses
-    if D.rank() == 0:
+    if rank() == 0:
         checkpoint.save(path, {
             "model": states[0], "model_per_rank": states, "optimizer": optimizer.state_dict(),
             "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
-            "config": config, "world_size": D.world_size(),
+            "config": config, "world_size": world_size(),
             "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
             "torch": str(torch.__version__),
         })
-    if D.world_size() > 1:
+    if world_size() > 1:
         dist.barrier()
 
 
 def _finish(args, config, data, model, init_backbone, crops, device, progress: _Progress, path: str) -> None:
     """k-NN evaluation, metrics.json and the summary, on rank 0; the other ranks wait."""
-    if D.rank() == 0:
+    if rank() == 0:
         if progress.step == 0:
             raise ValueError("no training step was run")
         metrics = evaluate(model, init_backbone, data, device, args.knn_k)
@@ -250,11 +358,11 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
         metrics.update(
             steps=args.steps, loss_first=progress.loss_first, loss_last=progress.loss_last,
             seconds=round(progress.seconds, 3),
-            crops_per_s=round(args.batch_size * n_crops * D.world_size() * args.steps / max(progress.seconds, 1e-9), 1),
-            device=str(device), world_size=D.world_size(), n_train=len(data.train),
+            crops_per_s=round(args.batch_size * n_crops * world_size() * args.steps / max(progress.seconds, 1e-9), 1),
+            device=str(device), world_size=world_size(), n_train=len(data.train),
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         )
         report.write_metrics(path, metrics)
         _say(report.summary(metrics, args.knn_k, os.path.join(args.out, "checkpoint.pt")))
-    if D.world_size() > 1:
+    if world_size() > 1:
         dist.barrier()
