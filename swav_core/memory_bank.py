@@ -17,8 +17,9 @@ class MemoryBankModule(nn.Module):
     ``length`` rows. Empty slots hold zeros; ``num_filled`` counts the real rows.
 
     lightly's attributes: ``bank`` is the (length, D) storage itself ((length, 0) until an int ``size``
-    has seen a batch) and ``bank_ptr`` the next write position, a new (1,) long tensor per read,
-    read-only (the pointer is a Python int, so a push never waits for the GPU). Neither is a buffer,
+    has seen a batch) and ``bank_ptr`` the next write position, a (1,) long tensor on the bank's device
+    that every push refills; read-only: the pointer that counts is a Python int, so a push never
+    waits for the GPU, and writes into ``bank_ptr`` are not read back. Neither is a buffer,
     so DDP's buffer broadcast cannot copy rank 0's queue onto the other ranks; yet ``state_dict()``
     saves contents and counters (keys ``bank``, ``bank_ptr``, ``bank_filled``; without them, as lightly
     saves, the queue loads empty with ``strict=True``) and ``.to()`` moves and casts them.
@@ -49,10 +50,11 @@ class MemoryBankModule(nn.Module):
         self.gather_distributed = _flag("gather_distributed", gather_distributed)
         self.feature_dim_first = _flag("feature_dim_first", feature_dim_first)
         with torch.inference_mode(False):  # see _new_bank
-            self.bank = torch.zeros(length, dim or 0)  # a plain attribute, not a buffer (see above)
+            self.bank = torch.zeros(length, dim or 0)  # plain attributes, not buffers (see above)
+            self._bank_ptr = torch.zeros(1, dtype=torch.long)
         self._ptr, self._filled = 0, 0  # the next slot to write; real rows stored, ≤ length
 
-    bank_ptr = property(lambda self: torch.tensor([self._ptr], device=self.bank.device))  # (1,) int64
+    bank_ptr = property(lambda self: self._bank_ptr)  # (1,) int64, refilled by every push
     length = property(lambda self: self.bank.shape[0])
     dim = property(lambda self: self.bank.shape[1] or None)  # None: an int size before its first batch
     num_filled = property(lambda self: self._filled)
@@ -81,7 +83,11 @@ class MemoryBankModule(nn.Module):
         first = min(n, length - start)
         self.bank[start : start + first] = rows[:first]
         self.bank[: n - first] = rows[first:]  # wrap around the end
-        self._ptr, self._filled = (self._ptr + b) % length, min(self._filled + b, length)
+        self._set_counters((self._ptr + b) % length, min(self._filled + b, length))
+
+    def _set_counters(self, ptr: int, filled: int) -> None:
+        self._ptr, self._filled = ptr, filled
+        self._bank_ptr.fill_(ptr)  # a kernel argument, no host sync
 
     def _new_bank(self, dim: int) -> None:
         # Outside inference mode, so that a queue first filled under torch.inference_mode() (a
@@ -116,7 +122,7 @@ class MemoryBankModule(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ... move and cast the storage too
         super()._apply(fn, recurse)
         with torch.inference_mode(False):  # see _new_bank
-            self.bank = fn(self.bank)
+            self.bank, self._bank_ptr = fn(self.bank), fn(self._bank_ptr)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -134,7 +140,7 @@ class MemoryBankModule(nn.Module):
             if len(absent) < len(keys):  # part of it: PyTorch's convention, strict=True raises on these
                 missing.extend(absent)
             self.bank.zero_()
-            self._ptr, self._filled = 0, 0
+            self._set_counters(0, 0)
             return
         bank, ptr, filled = (state_dict[k] for k in keys)
         problems = self._state_errors(prefix, bank, ptr, filled)
@@ -144,7 +150,7 @@ class MemoryBankModule(nn.Module):
         if bank.shape != self.bank.shape:
             self._new_bank(bank.shape[1])
         self.bank.copy_(bank)
-        self._ptr, self._filled = int(ptr), int(filled)
+        self._set_counters(int(ptr), int(filled))
 
     def _state_errors(self, prefix: str, bank, ptr, filled) -> List[str]:
         """Why a saved queue does not fit this one; empty when it does."""

@@ -223,9 +223,10 @@ def test_lightly_bank_and_bank_ptr(device):
     assert mb.bank.shape == (4, 2) and mb.bank.dtype == torch.float32 and mb.bank.device.type == device
     assert torch.equal(mb.bank, torch.cat([x, torch.zeros(2, 2, device=device)]))
     assert mb.bank_ptr.dtype == torch.long and torch.equal(mb.bank_ptr, torch.tensor([2], device=device))
-    storage = mb.bank.untyped_storage().data_ptr()
+    storage, pointer = mb.bank.untyped_storage().data_ptr(), mb.bank_ptr
     mb.push(_rows(3, 3, 2, device))  # rows 3, 4, 5 into slots 2, 3, then 0
     assert mb.bank.untyped_storage().data_ptr() == storage  # written in place: reading it copies nothing
+    assert mb.bank_ptr is pointer  # one tensor, refilled in place by every push: no copy per read
     assert torch.equal(mb.bank, _rows(1, 5, 2, device)[[4, 1, 2, 3]])
     assert torch.equal(mb.bank_ptr, torch.tensor([1], device=device))
     assert list(mb.buffers()) == [] and list(mb.parameters()) == []
