@@ -1,21 +1,20 @@
 """Sinkhorn-Knopp codes of SwAV (Caron et al., 2020, arXiv:2006.09882, §3.1 "Online clustering").
 
-The codes Q = Diag(u) exp(S/ε) Diag(v) are the entropic transport plan between B samples and K
-prototypes whose prototype marginals are 1/K and sample marginals 1/B. FAIR's and lightly's routine
-rewrites the whole B × K matrix at every half-iteration; here it is exponentiated once and only the
-two scaling vectors move, one matrix-vector product per half-iteration:
+Q = Diag(u) exp(S/ε) Diag(v) is the entropic transport plan between B samples and K prototypes with
+prototype marginals 1/K and sample marginals 1/B. FAIR's and lightly's routine rewrites the B × K
+matrix at every half-iteration; here it is exponentiated once and only the scaling vectors move:
 
     E  = exp((S − m_col − m_row)/ε)   m_col, m_row: per-prototype, then per-sample maxima
-    u₀ = exp(m_row/ε)                 so Diag(u₀) E = exp((S − m_col)/ε), the textbook's start
+    u₀ = exp(m_row/ε)                 Diag(u₀) E = exp((S − m_col)/ε), the textbook's start
     v  ← 1/(Eᵀu)                      "each prototype receives mass 1/K" (constants cancel)
     u  ← 1/(E v)                      "each sample receives mass 1/B"
-    Q  = Diag(1/(E v)) E Diag(v)      the last step: every row sums to 1
+    Q  = Diag(1/(E v)) E Diag(v)      every row sums to 1
 
-Why it stays exact: E ∈ [0, 1] holds a 1 in every row and column, so no exponent overflows and the
-masses E v ≥ min v and Eᵀu ≥ min u never vanish. Entries of E that underflow (< tiny) then move a
-mass by at most B·K·tiny / min v relatively: below float32's rounding while min v ≥ tiny^½ (v scaled
-to max 1). Only many rounds at small ε with a far prototype push v lower; the one host sync that
-also validates the scores then hands over to exact Sinkhorn in the log domain, in float64.
+Why it stays exact: E ∈ [0, 1] holds a 1 in every row and column, so nothing overflows and the masses
+E v ≥ min v, Eᵀu ≥ min u never vanish; entries of E lost to underflow (< tiny) move a mass by at most
+B·K·tiny / min v, below float32's rounding while min v ≥ tiny^½ (v scaled to max 1). Only many rounds
+at small ε with a far prototype go lower: the host sync that validates the scores then hands over to
+exact Sinkhorn in the log domain, in float64.
 """
 import math
 import numbers
@@ -38,32 +37,27 @@ def sinkhorn(
     r"""Equipartitioned soft codes Q of SwAV by Sinkhorn-Knopp (§3.1): Q* = Diag(u) exp(S/ε) Diag(v).
 
     Each of ``iterations`` rounds rescales every prototype to mass 1/K, then every sample to 1/B.
-    Equal, up to float32 rounding, to the FAIR / lightly routine evaluated in float64 wherever that
-    stays finite, and to exact (log-domain) Sinkhorn beyond; finite for every finite input.
+    Equal, up to float32 rounding, to FAIR's / lightly's routine in float64 wherever that stays
+    finite, and to exact (log-domain) Sinkhorn beyond; finite for every finite input.
 
     Args:
-        out: scores S, e.g. ``prototypes(z)`` (lightly's and FAIR's name); any floating dtype, no
-            gradient flows through the result.
-        iterations: rounds of (prototype, sample) normalisation; ``0`` returns the per-sample
-            softmax of S/ε. Default: 3.
+        out: scores S, e.g. ``prototypes(z)`` (lightly's and FAIR's name); any floating dtype.
+            No gradient flows through the codes.
+        iterations: rounds of normalisation; ``0`` gives the per-sample softmax of S/ε. Default: 3.
         epsilon: entropic regularisation ε > 0. Default: 0.05.
         gather_distributed: with an initialised process group, sum the prototype masses over all
-            ranks (an all-reduce of K-vectors), so that each rank gets its rows of the codes of all
-            ranks' batches concatenated; ranks may hold different B. Default: False.
-        queue: scores (N, K) of stored samples (SwAV's queue) that share in the equipartition;
-            only the codes of ``out``'s B rows are returned, as ``sinkhorn(cat(out, queue))[:B]``
-            without materialising the concatenation twice. Default: None.
+            ranks (an all-reduce of K-vectors): each rank gets its rows of the codes of all ranks'
+            batches concatenated; ranks may hold different B. Default: False.
+        queue: scores of N stored samples (SwAV's queue) that share in the equipartition; only
+            ``out``'s rows are returned: ``sinkhorn(cat(out, queue))[:B]``. Default: None.
 
     Shape:
-        - out: (B, K); queue: (N, K)
-        - output: (B, K), float32 (float64 for float64 input); rows sum to 1.
+        out (B, K), queue (N, K) → (B, K), float32 (float64 for float64 input); rows sum to 1.
 
-    Raises:
-        ValueError: scores that are not non-empty 2-D floating tensors, NaN or +∞ scores (−∞ means
-            "never assigned" and is fine while every sample and prototype keeps a finite score),
-            ``iterations`` not an int ≥ 0, ``epsilon`` not a finite number > 0 (or so small that
-            2/ε overflows). The score check and the log-domain hand-over are skipped while
-            ``torch.compile`` traces.
+    Raises ValueError, naming the argument, for bad shapes or dtypes, NaN or +∞ scores (−∞ means
+    "never assigned": fine while every sample and prototype keeps a finite score), ``iterations``
+    not an int ≥ 0, and ``epsilon`` not a finite number > 0 (or with 2/ε overflowing). While
+    ``torch.compile`` traces, the score check and the log-domain hand-over are skipped.
 
     Example::
 
@@ -71,34 +65,32 @@ def sinkhorn(
         >>> q.shape, q.sum(dim=1)[:2]
         (torch.Size([256, 3000]), tensor([1.0000, 1.0000]))
     """
-    blocks, names = _check_scores(out, queue, iterations)
-    iterations, epsilon = _check_int("iterations", iterations), _check_positive("epsilon", epsilon)
+    blocks, names = _check_scores(out, queue)
+    iterations, epsilon = _check_hyper(iterations, epsilon)
     dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
     if 2.0 / epsilon > torch.finfo(dtype).max:
         raise ValueError(f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
                          f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}")
     if gather_distributed not in (False, True):
         raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
-    gather = bool(gather_distributed) and iterations > 0 and _world_size() > 1
+    gather = bool(gather_distributed) and iterations > 0 and dist.is_available() and dist.is_initialized()
+    gather = gather and dist.get_world_size() > 1
     if iterations == 0:
         blocks, names = blocks[:1], names[:1]  # a softmax per sample: the queue plays no part
     rows = out.shape[0]
     with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
         e, half_row_max = _shifted_exp(blocks, 2.0 / epsilon, iterations > 0, gather, dtype)
         finite = local = torch.isfinite(half_row_max).all()  # NaN, +∞, or a row or column of −∞
-        exact = finite
-        if iterations == 0:
-            v, r = None, e.sum(dim=1)  # (B,)
-        else:
+        exact = finite  # a softmax per sample spans nothing
+        q = e[:rows]
+        if iterations > 0:
             u = half_row_max.mul_(2.0 / epsilon).exp_()  # (B + N,) u₀ = exp(m_row/ε) ∈ [0, 1]
-            v, r, v_min = _scaling_vectors(e, u, iterations, gather, rows)
+            v, v_min = _scaling_vectors(e, u, iterations, gather)
+            q.mul_(v)
             exact = v_min >= torch.finfo(dtype).tiny ** 0.5  # the same on every rank
             if gather:  # another rank's NaN reaches this rank's v through the all-reduce
                 finite = finite & torch.isfinite(v).all()
-        q = e[:rows]
-        if v is not None:
-            q.mul_(v)
-        q.div_(r[:, None])  # (B, K) Q = Diag(1/(E v)) E Diag(v)
+        q.div_(q.sum(dim=1, keepdim=True))  # (B, K) Q = Diag(1/(E v)) E Diag(v): rows sum to 1
         if torch.compiler.is_compiling():
             return q
         finite, exact, local = torch.stack([finite, exact, local]).tolist()  # the one host sync
@@ -113,12 +105,11 @@ def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dty
     The scores are halved before the shifts (exactly), so that no difference of finite scores
     overflows; ``scale`` is 2/ε. Without ``shift_prototypes`` m_col is 0 (a plain softmax).
     """
-    k = blocks[0].shape[1]
     if shift_prototypes:
         shift = _column_max(blocks, gather, dtype).mul_(-0.5)  # (K,) −m_col/2
     else:
-        shift = blocks[0].new_zeros(k, dtype=dtype)
-    e = blocks[0].new_empty((sum(len(b) for b in blocks), k), dtype=dtype)
+        shift = blocks[0].new_zeros((), dtype=dtype)
+    e = blocks[0].new_empty((sum(len(b) for b in blocks), blocks[0].shape[1]), dtype=dtype)
     for b, part in zip(blocks, e.split([len(b) for b in blocks])):
         torch.add(shift, b.detach(), alpha=0.5, out=part)  # (S − m_col)/2, 0 at each column's max
     half_row_max = e.amax(dim=1)  # (B + N,) m_row/2 ≤ 0
@@ -126,8 +117,8 @@ def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dty
     return e, half_row_max
 
 
-def _scaling_vectors(e, u, iterations: int, gather: bool, rows: int):
-    """v (K,) and r = E v (rows,) after ``iterations`` rounds from u₀, and the smallest v met.
+def _scaling_vectors(e, u, iterations: int, gather: bool):
+    """v (K,) after ``iterations`` rounds from u₀, and the smallest v met (0-dim).
 
     v is scaled to max 1 and clamped at tiny^0.8, so that E v ≥ tiny^0.8 and u stay finite.
     """
@@ -142,7 +133,7 @@ def _scaling_vectors(e, u, iterations: int, gather: bool, rows: int):
         v = torch.div(low, c).clamp_(min=floor)  # (K,) v ∝ 1/(Eᵀu): each prototype gets 1/K
         if t < iterations - 1:
             u = _matvec(e, v).reciprocal_()  # (B + N,) u ∝ 1/(E v): each sample gets 1/B
-    return v, _matvec(e[:rows], v), torch.stack(v_mins).amin()
+    return v, torch.stack(v_mins).amin()
 
 
 def _matvec(e: torch.Tensor, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -207,44 +198,31 @@ def _non_finite_message(blocks, names, iterations: int, elsewhere: bool) -> str:
             f"(got shapes {[tuple(b.shape) for b in blocks]})")
 
 
-def _check_scores(out, queue, iterations):
-    """[out] or [out, queue] after checking their shapes, and their names for error messages."""
-    blocks, names = [out], ["out"]
-    if queue is not None:
-        blocks.append(queue)
-        names.append("queue")
-    for name, s in zip(names, blocks):
+def _check_scores(out, queue):
+    """[out] or [out, queue] (an empty queue adds nothing) after checking them, and their names."""
+    named = [("out", out)] + ([] if queue is None else [("queue", queue)])
+    for name, s in named:
         if not (isinstance(s, torch.Tensor) and s.dim() == 2 and s.is_floating_point()) or (
-            s.shape[1] == 0 or (name == "out" and s.shape[0] == 0)
+            s.shape[1] == 0 or (name == "out" and s.shape[0] == 0) or s.shape[1] != out.shape[1]
         ):
             got = f"shape {tuple(s.shape)}, dtype {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"sinkhorn: {name} must be a non-empty 2-D floating-point tensor (B, K), got {got}")
-    if queue is not None and queue.shape[1] != out.shape[1]:
-        raise ValueError(f"sinkhorn: queue must have K={out.shape[1]} columns like out, got {tuple(queue.shape)}")
-    if queue is not None and len(queue) == 0:  # an empty queue adds nothing
-        return blocks[:1], names[:1]
-    return blocks, names
+            want = "(B, K)" if name == "out" else f"(N, K) with K={out.shape[1]} like out"
+            raise ValueError(f"sinkhorn: {name} must be a non-empty 2-D floating-point tensor {want}, got {got}")
+    named = [(name, s) for name, s in named if len(s) > 0]
+    return [s for _, s in named], [name for name, _ in named]
 
 
-def _check_int(name: str, value) -> int:
+def _check_hyper(iterations, epsilon):
+    """``iterations`` as an int ≥ 0 (NumPy ints too, not bools) and ``epsilon`` as a float > 0 with
+    a finite inverse; comparisons only, so that torch.compile traces a symbolic ε."""
     try:
-        number = None if isinstance(value, bool) else operator.index(value)  # NumPy ints too
+        number = None if isinstance(iterations, bool) else operator.index(iterations)
     except TypeError:
         number = None
     if number is None or number < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return number
-
-
-def _check_positive(name: str, value) -> float:
-    # Comparisons only, so that torch.compile traces it on a symbolic float.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        0.0 < value < math.inf and 1.0 / value < math.inf
+        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not (
+        0.0 < epsilon < math.inf and 1.0 / epsilon < math.inf
     ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    return number, float(epsilon)
