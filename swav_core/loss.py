@@ -166,35 +166,29 @@ def _split_heads(high, low, queue):
     n_heads = len(high[0]) if multi_head else 1
     if n_heads == 0:
         raise ValueError("high_resolution_outputs[0] must hold at least one prototype head, got an empty list")
-    named = _named(high, low) + [(f"queue_outputs[{i}]", x) for i, x in enumerate(queue or [])]
+    named, heads = _named(high, low), n_heads if multi_head else 0
     per_head = []
-    for h in range(n_heads):
-        tensors = [_head(x, h, name, n_heads if multi_head else 0) for name, x in named]
-        crops, queues = tensors[: len(high) + len(low)], tensors[len(high) + len(low):] or None
-        for (name, _), z in zip(named, tensors):
-            where = "" if not multi_head else f" (head {h})"
-            if name.startswith("queue") and z.shape[1] != crops[0].shape[1]:
-                raise ValueError(f"{name} must have K={crops[0].shape[1]} prototype scores like the crops, "
-                                 f"got shape {tuple(z.shape)}{where}")
-            if not name.startswith("queue") and z.shape != crops[0].shape:
-                raise ValueError(f"all crops must have the same shape (B, K): {named[0][0]} is "
-                                 f"{tuple(crops[0].shape)} but {name} is {tuple(z.shape)}{where}")
+    for h in range(n_heads):  # the queues' tensors are checked by sinkhorn, which names them
+        crops = [_head(x, h, name, heads) for name, x in named]
+        queues = None if queue is None else [_head(x, h, f"queue_outputs[{i}]", heads) for i, x in enumerate(queue)]
+        for (name, _), z in zip(named, crops):
+            if z.shape != crops[0].shape:
+                raise ValueError(f"all crops must have the same shape (B, K): {named[0][0]} is {tuple(crops[0].shape)} "
+                                 f"but {name} is {tuple(z.shape)}" + (f" (head {h})" if multi_head else ""))
         per_head.append((crops[: len(high)], crops[len(high):], queues))
     return per_head
 
 
 def _head(x, h: int, name: str, n_heads: int) -> torch.Tensor:
-    """Head h of one argument (n_heads = 0: a single head), checked to be a (B, K) floating tensor."""
+    """Head h of one argument (n_heads = 0: a single head); a crop is checked to be (B, K) floating."""
     if n_heads:
         if not isinstance(x, (list, tuple)) or len(x) != n_heads:
             got = f"a list of {len(x)}" if isinstance(x, (list, tuple)) else type(x).__name__
             raise ValueError(f"{name} must be a list over the {n_heads} prototype heads, got {got}")
         x, name = x[h], f"{name}[{h}]"
-    queue = name.startswith("queue")
-    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point()) or (
-        x.shape[1] == 0 or (x.shape[0] == 0 and not queue)
+    if not name.startswith("queue") and not (
+        isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_floating_point() and x.numel() > 0
     ):
         got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point tensor {'(N, K)' if queue else '(B, K), B ≥ 1'}, "
-                         f"K ≥ 1, got {got}")
+        raise ValueError(f"{name} must be a floating-point tensor (B, K), B ≥ 1, K ≥ 1, got {got}")
     return x

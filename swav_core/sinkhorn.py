@@ -65,18 +65,15 @@ def sinkhorn(
         >>> q.shape, q.sum(dim=1)[:2]
         (torch.Size([256, 3000]), tensor([1.0000, 1.0000]))
     """
+    iterations, epsilon = _check_hyper(iterations, epsilon, gather_distributed)
     blocks, names = _check_scores(out, queue)
-    iterations, epsilon = _check_hyper(iterations, epsilon)
+    blocks, names = (blocks, names) if iterations > 0 else (blocks[:1], names[:1])  # a softmax: no queue
     dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
     if 2.0 / epsilon > torch.finfo(dtype).max:
         raise ValueError(f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
                          f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}")
-    if gather_distributed not in (False, True):
-        raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
-    gather = bool(gather_distributed) and iterations > 0 and dist.is_available() and dist.is_initialized()
-    gather = gather and dist.get_world_size() > 1
-    if iterations == 0:
-        blocks, names = blocks[:1], names[:1]  # a softmax per sample: the queue plays no part
+    gather = gather_distributed and iterations > 0 and dist.is_available() and dist.is_initialized()
+    gather = bool(gather) and dist.get_world_size() > 1
     rows = out.shape[0]
     with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
         e, half_row_max = _shifted_exp(blocks, 2.0 / epsilon, iterations > 0, gather, dtype)
@@ -105,10 +102,8 @@ def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dty
     The scores are halved before the shifts (exactly), so that no difference of finite scores
     overflows; ``scale`` is 2/ε. Without ``shift_prototypes`` m_col is 0 (a plain softmax).
     """
-    if shift_prototypes:
-        shift = _column_max(blocks, gather, dtype).mul_(-0.5)  # (K,) −m_col/2
-    else:
-        shift = blocks[0].new_zeros((), dtype=dtype)
+    zero = blocks[0].new_zeros((), dtype=dtype)
+    shift = _column_max(blocks, gather, dtype).mul_(-0.5) if shift_prototypes else zero  # (K,) −m_col/2
     e = blocks[0].new_empty((sum(len(b) for b in blocks), blocks[0].shape[1]), dtype=dtype)
     for b, part in zip(blocks, e.split([len(b) for b in blocks])):
         torch.add(shift, b.detach(), alpha=0.5, out=part)  # (S − m_col)/2, 0 at each column's max
@@ -191,11 +186,9 @@ def _non_finite_message(blocks, names, iterations: int, elsewhere: bool) -> str:
         return (f"sinkhorn: another rank's scores are not finite (NaN, +inf, or a sample or prototype "
                 f"with only -inf); this rank's {' and '.join(names)} are")
     bad = [n for n, b in zip(names, blocks) if bool((b.isnan() | (b == math.inf)).any())]
-    if bad:
-        return f"sinkhorn: {' and '.join(bad)} must be finite: got NaN or +inf scores"
-    return (f"sinkhorn: {' and '.join(names)} must be finite: -inf is accepted only where every sample"
-            f"{' and every prototype' if iterations > 0 else ''} keeps a finite score "
-            f"(got shapes {[tuple(b.shape) for b in blocks]})")
+    return f"sinkhorn: {' and '.join(bad)} must be finite: got NaN or +inf scores" if bad else (
+        f"sinkhorn: {' and '.join(names)} must be finite: -inf is accepted only where every sample"
+        f"{' and every prototype' if iterations > 0 else ''} keeps a finite score")
 
 
 def _check_scores(out, queue):
@@ -212,9 +205,9 @@ def _check_scores(out, queue):
     return [s for _, s in named], [name for name, _ in named]
 
 
-def _check_hyper(iterations, epsilon):
+def _check_hyper(iterations, epsilon, gather_distributed):
     """``iterations`` as an int ≥ 0 (NumPy ints too, not bools) and ``epsilon`` as a float > 0 with
-    a finite inverse; comparisons only, so that torch.compile traces a symbolic ε."""
+    a finite inverse (comparisons only: torch.compile traces a symbolic ε); the flag a bool."""
     try:
         number = None if isinstance(iterations, bool) else operator.index(iterations)
     except TypeError:
@@ -225,4 +218,6 @@ def _check_hyper(iterations, epsilon):
         0.0 < epsilon < math.inf and 1.0 / epsilon < math.inf
     ):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    if gather_distributed not in (False, True):  # "no" is truthy: bools (or 0 / 1) only
+        raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
     return number, float(epsilon)

@@ -401,3 +401,21 @@ def test_lightly_state_dict_loads_strict_into_prototype_bias(device):
     high, _, queue = model(([x, x], []))
     assert queue is None
     torch.testing.assert_close(high[0], ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_remaining_differences_from_lightly_and_fmcib(device):
+    """The README's difference rows without a test elsewhere: sizes are kept as given (lightly stores a
+    tuple / list), newer lightly's ``dim_first`` keyword is 1.6's ``feature_dim_first``, fmcib's
+    ``num_features_queued`` is each queue's ``num_filled``, and fmcib's own loss took the model's output
+    triple where swav_core's (lightly's) takes its three parts: ``loss(*model(crops))``."""
+    assert MemoryBankModule(size=8).size == 8 and SwaVPrototypes(4, 5).n_prototypes == 5
+    assert SwaVPrototypes(4, [5, 3]).n_prototypes == [5, 3]
+    with pytest.raises(TypeError):
+        MemoryBankModule(size=8, dim_first=False)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1))
+    model = SwaV(backbone, 4, 4, 6, n_queues=2, queue_length=4).to(device)
+    assert not hasattr(model, "num_features_queued")
+    crops = ([torch.randn(2, 3, 8, 8, device=device) for _ in range(2)], [torch.randn(2, 3, 6, 6, device=device)])
+    loss = SwaVLoss()(*model(crops, epoch=0, step=0))
+    assert loss.shape == () and torch.isfinite(loss)
+    assert [q.num_filled for q in model.queues] == [2, 2]
