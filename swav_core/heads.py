@@ -20,10 +20,10 @@ def _int(name: str, value, low: int) -> int:
 
 
 def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor): a string such as "no" is truthy, not False."""
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
+    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
+    np_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
     try:
-        number = bool(value) if isinstance(value, bool) or numpy_bool else operator.index(value)
+        number = bool(value) if isinstance(value, bool) or np_bool else operator.index(value)
     except TypeError:
         number = None
     if number not in (0, 1):
@@ -40,16 +40,13 @@ def _check_features(x, dim: int, what: str) -> None:
 class SwaVProjectionHead(nn.Module):
     """Projection MLP ``z = W₂ ReLU(BN(W₁ h)) + b₂`` from backbone features h to the code space.
 
-    Not normalised (SwaV does that). The layers sit in ``self.layers`` so that the state_dict keys
-    (``layers.0.weight``, ``layers.1.*``, ``layers.3.*``) are those of lightly / fmcib checkpoints.
-
     Args:
         input_dim: backbone feature dim. Default: 2048
         hidden_dim: hidden width. Default: 2048
         output_dim: code dim D. Default: 128
 
     Shape:
-        x: (B, input_dim) → (B, output_dim)
+        x: (B, input_dim) → (B, output_dim), not normalised (SwaV does that).
 
     Example:
         >>> head = SwaVProjectionHead(512, 256, 128)
@@ -62,7 +59,7 @@ class SwaVProjectionHead(nn.Module):
         self.input_dim = _int("input_dim", input_dim, 1)
         self.hidden_dim = _int("hidden_dim", hidden_dim, 1)
         self.output_dim = _int("output_dim", output_dim, 1)
-        self.layers = nn.Sequential(  # keys layers.0.*, layers.1.*, layers.3.*
+        self.layers = nn.Sequential(  # keys layers.0.*, layers.1.*, layers.3.*: lightly's and fmcib's
             nn.Linear(self.input_dim, self.hidden_dim, bias=False), nn.BatchNorm1d(self.hidden_dim),
             nn.ReLU(), nn.Linear(self.hidden_dim, self.output_dim))
 
@@ -77,15 +74,12 @@ class SwaVProjectionHead(nn.Module):
 class SwaVPrototypes(nn.Module):
     """Prototype scores ``S = Z Cᵀ (+ b)`` of codes Z against K trainable prototypes C (§3.1).
 
-    With L2-normalised Z and C (call :meth:`normalize` before each step) the scores are cosine
-    similarities. ``n_prototypes`` may be a list: one head per entry, and ``forward`` returns a list.
+    With L2-normalised Z and C (call :meth:`normalize` before each step) the scores are cosine similarities.
 
-    Freezing (appendix A): while ``step < n_steps_frozen_prototypes`` (required while training) the
-    forward is unchanged, so gradients reach the features and every prototype gets one (as DDP without
-    ``find_unused_parameters`` requires), but the prototypes' ``.grad`` is set to None once backward,
-    DDP's write-back included, has finished (as FAIR's loop does). The optimizer then skips them; a zero
-    gradient would not do (momentum and Adam's L2 term still move them). ``requires_grad`` is never
-    toggled, so a module frozen from outside stays frozen.
+    Freezing (appendix A): while ``step < n_steps_frozen_prototypes`` (``step`` required while training) the
+    forward is unchanged (DDP's default wants a gradient for every parameter), but the prototypes' ``.grad``
+    is set to None after backward and DDP's write-back, as FAIR's loop does, so the optimizer skips them (a
+    zero gradient would not: momentum, Adam's L2 term). ``requires_grad`` is never toggled.
 
     Args:
         input_dim: code dim D. Default: 128
@@ -108,10 +102,11 @@ class SwaVPrototypes(nn.Module):
         super().__init__()
         self.input_dim = _int("input_dim", input_dim, 1)
         self.multi_head = isinstance(n_prototypes, (list, tuple))
+        if self.multi_head and not n_prototypes:
+            raise ValueError("n_prototypes must be a positive int or a non-empty list of them, "
+                             f"got {n_prototypes!r}")
         name = "every entry of n_prototypes" if self.multi_head else "n_prototypes"
         ks = [_int(name, k, 1) for k in (n_prototypes if self.multi_head else [n_prototypes])]
-        if not ks:
-            raise ValueError(f"n_prototypes must be a positive int or a non-empty list of them, got {n_prototypes!r}")
         self.n_prototypes = ks if self.multi_head else ks[0]
         self.n_steps_frozen_prototypes = _int("n_steps_frozen_prototypes", n_steps_frozen_prototypes, 0)
         self.bias = _flag("bias", bias)
@@ -119,20 +114,16 @@ class SwaVPrototypes(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
         _check_features(x, self.input_dim, "SwaVPrototypes")
-        frozen = self._frozen(step)
+        n = self.n_steps_frozen_prototypes  # without a gradient: nothing to freeze, no step to check
+        if n > 0 and step is None and self.training and torch.is_grad_enabled():
+            raise ValueError(f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) "
+                             "while training")
+        frozen = n > 0 and step is not None and torch.is_grad_enabled() and _int("step", step, 0) < n
         scores = [head(x) for head in self.heads]  # [(B, K_h)]
         for s in scores:
             if frozen and s.requires_grad:
                 s.register_hook(self._clear_grads_after_backward)
         return scores if self.multi_head else scores[0]
-
-    def _frozen(self, step) -> bool:
-        n = self.n_steps_frozen_prototypes
-        if n == 0 or not torch.is_grad_enabled():
-            return False
-        if step is None and self.training:
-            raise ValueError(f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) while training")
-        return step is not None and _int("step", step, 0) < n
 
     def _clear_grads_after_backward(self, grad: torch.Tensor) -> None:
         engine = torch.autograd.Variable._execution_engine
@@ -144,9 +135,8 @@ class SwaVPrototypes(nn.Module):
     def normalize(self) -> None:
         """L2-normalise every prototype (each row of each head's weight) in place; a zero row stays zero.
 
-        Rows already at unit norm (float64 norm within the dtype's eps) are left untouched, so the call
-        is exactly idempotent: frozen prototypes stay bit-identical although SwaV normalises every step.
-        """
+        Rows already at unit norm (float64 norm within the dtype's eps) are left untouched: the call is
+        exactly idempotent, so frozen prototypes stay bit-identical although SwaV normalises every step."""
         for head in self.heads:
             w = head.weight  # (K, D)
             norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float64)  # (K, 1)
