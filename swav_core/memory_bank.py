@@ -12,23 +12,17 @@ __all__ = ["MemoryBankModule"]
 class MemoryBankModule(nn.Module):
     """FIFO queue of the last ``length`` feature vectors, stored as a ring buffer.
 
-    A batch is written at the pointer and wraps around the end, so a push costs O(B) whatever the
-    length; only the oldest rows are overwritten, and a batch longer than the queue leaves its last
-    ``length`` rows. Empty slots hold zeros; ``num_filled`` counts the real rows.
+    A push writes at the pointer and wraps around the end, O(B) whatever the length, overwriting only
+    the oldest rows; a batch longer than the queue leaves its last ``length`` rows. Empty slots hold 0.
 
-    lightly's attributes: ``bank`` is the (length, D) storage itself ((length, 0) until an int ``size``
-    has seen a batch) and ``bank_ptr`` the next write position, a (1,) long tensor on the bank's device
-    that every push refills; read-only: the pointer that counts is a Python int, so a push never
-    waits for the GPU, and writes into ``bank_ptr`` are not read back. Neither is a buffer,
-    so DDP's buffer broadcast cannot copy rank 0's queue onto the other ranks; yet ``state_dict()``
-    saves contents and counters (keys ``bank``, ``bank_ptr``, ``bank_filled``; without them, as lightly
-    saves, the queue loads empty with ``strict=True``) and ``.to()`` moves and casts them.
+    lightly's attributes: ``bank``, the (length, D) storage itself ((length, 0) until an int ``size``
+    sees a batch), and ``bank_ptr``, the next write position, a read-only (1,) long tensor refilled by
+    every push. Neither is a buffer, so DDP's broadcast cannot copy rank 0's queue onto the other ranks;
+    ``state_dict()`` saves both and ``bank_filled`` (lightly's state, without them, loads empty).
 
     Args:
-        size: queue length, or ``(length, D)``. With an int, D is taken from the first batch.
-            0 disables the queue. Default: 65536
-        gather_distributed: push the batch all-gathered from every rank (all ranks then hold the
-            same queue; ranks may differ in batch size). Default: False
+        size: queue length (D taken from the first batch), or ``(length, D)``; 0 disables it. Default: 65536
+        gather_distributed: push every rank's batch, all-gathered (ranks may differ in B). Default: False
         feature_dim_first: ``forward`` returns the bank as (D, length), not (length, D). Default: True
 
     Shape:
@@ -45,12 +39,15 @@ class MemoryBankModule(nn.Module):
     def __init__(self, size: Union[int, Sequence[int]] = 65536, gather_distributed: bool = False,
                  feature_dim_first: bool = True):
         super().__init__()
-        length, dim = _parse_size(size)
-        self.size = size if isinstance(size, int) else (length, dim)
+        shape = tuple(size) if isinstance(size, (tuple, list, torch.Size)) else (size, 1)  # (length, D)
+        if not (len(shape) == 2 and all(type(v) is int for v in shape) and shape[0] >= 0 and shape[1] > 0):
+            raise ValueError("size must be a non-negative int (length) or a pair (length >= 0, dim > 0) of "
+                             f"ints, got {size!r}")
+        self.size = size if isinstance(size, int) else shape
         self.gather_distributed = _flag("gather_distributed", gather_distributed)
         self.feature_dim_first = _flag("feature_dim_first", feature_dim_first)
-        with torch.inference_mode(False):  # see _new_bank
-            self.bank = torch.zeros(length, dim or 0)  # plain attributes, not buffers (see above)
+        with torch.inference_mode(False):  # see _resize; plain attributes, not buffers (see above)
+            self.bank = torch.zeros(shape[0], 0 if isinstance(size, int) else shape[1])
             self._bank_ptr = torch.zeros(1, dtype=torch.long)
         self._ptr, self._filled = 0, 0  # the next slot to write; real rows stored, ≤ length
 
@@ -71,10 +68,8 @@ class MemoryBankModule(nn.Module):
         """Append a batch (B, D), overwriting the oldest rows once full; all-gathered if requested."""
         if self.length == 0:
             raise ValueError("MemoryBankModule(size=0) is disabled: it stores nothing, push is not allowed")
-        self._check_batch(x, "push")
+        self._accept(x, "push")
         x = _all_gather(x.detach()) if self.gather_distributed else x.detach()
-        if self.dim is None:
-            self._new_bank(x.shape[1])
         length, b = self.length, x.shape[0]
         n = min(b, length)
         # The n rows that survive, copied: they may be a view of the storage this write overwrites.
@@ -89,30 +84,29 @@ class MemoryBankModule(nn.Module):
         self._ptr, self._filled = ptr, filled
         self._bank_ptr.fill_(ptr)  # a kernel argument, no host sync
 
-    def _new_bank(self, dim: int) -> None:
-        # Outside inference mode, so that a queue first filled under torch.inference_mode() (a
-        # validation pass) still takes in-place pushes afterwards.
-        with torch.inference_mode(False):
-            self.bank = self.bank.new_zeros(self.length, dim)
-
-    def _check_batch(self, x: torch.Tensor, what: str) -> None:
+    def _accept(self, x: torch.Tensor, what: str) -> None:
+        """Check a batch (B, D) against the bank; an int ``size`` takes D from its first batch."""
         dim = self.dim
         if not (torch.is_tensor(x) and x.ndim == 2 and x.shape[1] > 0 and x.shape[1] == (dim or x.shape[1])):
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             want = f"(B, {dim}) to match the bank {tuple(self.bank.shape)}" if dim else "(B, D) with D > 0"
             raise ValueError(f"MemoryBankModule.{what} expects features of shape {want}, got {shape}")
+        self._resize(x.shape[1])
 
-    def forward(
-        self, output: torch.Tensor, labels: Optional[torch.Tensor] = None, update: bool = False
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _resize(self, dim: int) -> None:
+        # A new (length, dim) storage unless it has D = dim already. Outside inference mode, so that a
+        # queue first filled under torch.inference_mode() (a validation pass) still takes in-place pushes.
+        if dim != self.bank.shape[1]:
+            with torch.inference_mode(False):
+                self.bank = self.bank.new_zeros(self.length, dim)
+
+    def forward(self, output: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                update: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """lightly's interface: ``(output, bank)``, ``bank`` a detached copy of the storage before this
-        call's push, (D, length) if ``feature_dim_first`` else (length, D), slot order, zeros where
-        empty. ``update=True`` then pushes ``output``. ``labels`` is ignored."""
+        call's push (slot order, zeros where empty); ``update=True`` then pushes. ``labels`` is ignored."""
         if self.length == 0:
             return output, None
-        self._check_batch(output, "forward")
-        if self.dim is None:
-            self._new_bank(output.shape[1])
+        self._accept(output, "forward")
         bank = self.bank.T if self.feature_dim_first else self.bank
         bank = bank.clone(memory_format=torch.contiguous_format)
         if update:
@@ -121,7 +115,7 @@ class MemoryBankModule(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ... move and cast the storage too
         super()._apply(fn, recurse)
-        with torch.inference_mode(False):  # see _new_bank
+        with torch.inference_mode(False):  # see _resize
             self.bank, self._bank_ptr = fn(self.bank), fn(self._bank_ptr)
         return self
 
@@ -144,13 +138,11 @@ class MemoryBankModule(nn.Module):
             return
         bank, ptr, filled = (state_dict[k] for k in keys)
         problems = self._state_errors(prefix, bank, ptr, filled)
-        if problems:
-            errors.extend(problems)
-            return
-        if bank.shape != self.bank.shape:
-            self._new_bank(bank.shape[1])
-        self.bank.copy_(bank)
-        self._set_counters(int(ptr), int(filled))
+        errors.extend(problems)
+        if not problems:
+            self._resize(bank.shape[1])
+            self.bank.copy_(bank)
+            self._set_counters(int(ptr), int(filled))
 
     def _state_errors(self, prefix: str, bank, ptr, filled) -> List[str]:
         """Why a saved queue does not fit this one; empty when it does."""
@@ -160,19 +152,17 @@ class MemoryBankModule(nn.Module):
             return [f"size mismatch for {prefix}bank: copying a queue of shape {got}, "
                     f"the queue in the current model has shape {(length, dim)}"]
         problems = []
-        for name, value, top in (("bank_ptr", ptr, max(length, 1) - 1), ("bank_filled", filled, length)):
-            tensor = torch.is_tensor(value)
-            integer = tensor and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-            if not integer or value.ndim:
-                what = f"shape {tuple(value.shape)}, dtype {value.dtype}" if tensor else type(value).__name__
-                problems.append(f"{prefix}{name} must be a 0-dim integer tensor, got {value!r} ({what})")
-            elif not 0 <= int(value) <= top:
-                problems.append(f"{prefix}{name}={int(value)} is out of range: expected 0..{top} "
+        for name, v, top in (("bank_ptr", ptr, max(length, 1) - 1), ("bank_filled", filled, length)):
+            tensor = torch.is_tensor(v)
+            if not tensor or v.ndim or v.dtype == torch.bool or v.is_floating_point() or v.is_complex():
+                what = f"shape {tuple(v.shape)}, dtype {v.dtype}" if tensor else type(v).__name__
+                problems.append(f"{prefix}{name} must be a 0-dim integer tensor, got {v!r} ({what})")
+            elif not 0 <= int(v) <= top:
+                problems.append(f"{prefix}{name}={int(v)} is out of range: expected 0..{top} "
                                 f"(queue length {length})")
         if not problems and int(filled) < length and int(ptr) != int(filled):
             problems.append(f"inconsistent queue state at '{prefix}': bank_ptr={int(ptr)}, bank_filled="
-                            f"{int(filled)}, length={length}: a queue that is not full must have "
-                            "bank_ptr == bank_filled")
+                            f"{int(filled)}, length={length}: a queue not full has bank_ptr == bank_filled")
         return problems
 
     def extra_repr(self) -> str:
@@ -180,19 +170,9 @@ class MemoryBankModule(nn.Module):
                 f"feature_dim_first={self.feature_dim_first}")
 
 
-def _parse_size(size) -> Tuple[int, Optional[int]]:
-    """``size`` → (length, D or None): an int ≥ 0 or a pair of ints (length ≥ 0, D > 0), no bools."""
-    pair = isinstance(size, (tuple, list, torch.Size))
-    values = tuple(size) if pair else (size, 1)
-    if len(values) == 2 and all(type(v) is int for v in values) and values[0] >= 0 and values[1] > 0:
-        return values[0], (values[1] if pair else None)
-    raise ValueError(f"size must be a non-negative int (length) or a pair (length >= 0, dim > 0) of ints, "
-                     f"got {size!r}")
-
-
 def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
+    """True / False or 1 / 0 (NumPy's bool has no __index__; or a 0-dim tensor); a truthy "no" is refused."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
     try:
         number = bool(value) if isinstance(value, bool) or numpy_bool else operator.index(value)
     except TypeError:
@@ -206,12 +186,10 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (B_r, D) concatenated in rank order; ``x`` itself without a process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    world = dist.get_world_size()
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    counts = [x.new_zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
     counts = torch.cat(counts).tolist()  # ranks may differ in B: pad to the largest, then trim
-    padded = x.new_zeros(max(counts), x.shape[1])
-    padded[: x.shape[0]] = x
-    gathered = [torch.empty_like(padded) for _ in range(world)]
+    padded = torch.cat([x, x.new_zeros(max(counts) - x.shape[0], x.shape[1])])  # (max B_r, D)
+    gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])

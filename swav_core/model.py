@@ -1,6 +1,5 @@
-"""fmcib's ``SwaV`` model (``fmcib.ssl.modules.SwaV``): same constructor, attributes and forward, built on
-``heads.py`` and ``memory_bank.py``. Deliberate fixes (README): freezing counts steps, not epochs; a queue
-is used only once full of real features; queues live in the state_dict and survive DDP."""
+"""fmcib's ``SwaV`` (``fmcib.ssl.modules.SwaV``): same constructor, attributes and forward. Fixes (README):
+freezing counts steps, not epochs; a queue is used only once full of real features; queues survive DDP."""
 import itertools
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
@@ -19,10 +18,9 @@ Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per 
 class SwaV(nn.Module):
     """SwAV with multi-crop and optional per-crop queues (Caron et al., 2020, §3.1 and §4).
 
-    Each crop x goes ``backbone(x).flatten(1)`` → ``SwaVProjectionHead(num_ftrs, num_ftrs // 2, out_dim)``
-    → L2 normalisation (z) → scores zᵀc_k against the prototypes, L2-normalised at every forward. With
-    ``n_queues > 0`` each high-resolution crop has a FIFO queue of past features; once full, its rows are
-    re-scored by the current prototypes (no gradient) so that Sinkhorn sees more than one batch.
+    Each crop x: ``backbone(x).flatten(1)`` → ``SwaVProjectionHead(num_ftrs, num_ftrs // 2, out_dim)`` → L2
+    normalisation (z) → scores zᵀc_k against the prototypes (normalised every forward). A full queue of a
+    high-resolution crop's past z is re-scored too (no gradient): Sinkhorn then sees more than one batch.
 
     Args:
         backbone: module mapping a crop batch (B, C, *spatial) to features (B, num_ftrs, ...).
@@ -38,12 +36,10 @@ class SwaV(nn.Module):
             consecutive same-shaped crops, the projection head once on all crops. Default: False
 
     Shape:
-        forward(((x_1..x_V1), (x'_1..x'_V2)), epoch, step) →
-        (high: V1 × (B, K), low: V2 × (B, K), queue: V1 × (queue_length, K) or None);
-        with several heads every (·, K) becomes a list over heads.
+        forward(((x_1..x_V1), (x'_1..x'_V2)), epoch, step) → (high: V1 × (B, K), low: V2 × (B, K),
+        queue: V1 × (queue_length, K) or None); with several heads every (·, K) is a list over heads.
 
-    Example::
-
+    Example:
         >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
         >>> model = SwaV(backbone, num_ftrs=8, out_dim=4, n_prototypes=10, n_queues=0)
         >>> high, low, queue = model(([torch.randn(2, 3, 16, 16)] * 2, [torch.randn(2, 3, 8, 8)]))
@@ -57,8 +53,7 @@ class SwaV(nn.Module):
                  prototype_bias: bool = False, group_crops_by_resolution: bool = False):
         super().__init__()
         self.num_ftrs, out_dim = _int("num_ftrs", num_ftrs, 2), _int("out_dim", out_dim, 1)
-        n_queues = _int("n_queues", n_queues, 0)
-        self.queue_length = _int("queue_length", queue_length, 0)
+        n_queues, self.queue_length = _int("n_queues", n_queues, 0), _int("queue_length", queue_length, 0)
         self.start_queue_at_epoch = _int("start_queue_at_epoch", start_queue_at_epoch, 0)
         bias = _flag("prototype_bias", prototype_bias)
         self.group_crops_by_resolution = _flag("group_crops_by_resolution", group_crops_by_resolution)
@@ -114,8 +109,8 @@ class SwaV(nn.Module):
         if step is not None:
             _int("step", step, 0)
         elif frozen > 0 and self.prototypes.training and torch.is_grad_enabled():  # eval never needs it
-            raise ValueError(f"SwaV(n_steps_frozen_prototypes={frozen}) needs forward(input, epoch, step=...) "
-                             "while training")
+            raise ValueError(f"SwaV(n_steps_frozen_prototypes={frozen}) needs forward(input, epoch, "
+                             "step=...) while training")
         return high, low, 0 if epoch is None else _int("epoch", epoch, 0)
 
     def _backbone(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,14 +126,13 @@ class SwaV(nn.Module):
             return F.normalize(torch.cat([self.projection_head(self._backbone(x)) for x in crops]), dim=1)
         # FAIR's multi-crop: one backbone call per run of same-shaped crops, one head call for all
         runs = [list(run) for _, run in itertools.groupby(crops, key=lambda x: x.shape)]
-        h = torch.cat([self._backbone(rearrange(run, "v b ... -> (v b) ...")) for run in runs])  # (V·B, D_in)
+        h = torch.cat([self._backbone(rearrange(r, "v b ... -> (v b) ...")) for r in runs])  # (V·B, D_in)
         return F.normalize(self.projection_head(h), dim=1)
 
     @torch.no_grad()
     def _queue_scores(self, high_z: torch.Tensor, epoch: int, step: Optional[int]) -> Optional[List[Scores]]:
-        """Once every queue is full and ``epoch >= start_queue_at_epoch``, its rows scored by the current
-        prototypes, in slot order without a copy (Sinkhorn is equivariant to the order of samples); then
-        this step's features (V1, B, D) are pushed."""
+        """Once every queue is full and ``epoch >= start_queue_at_epoch``, its rows scored in slot order, no
+        copy (Sinkhorn is equivariant to sample order); then this step's features (V1, B, D) are pushed."""
         if self.queues is None:
             return None
         use = all(q.is_full for q in self.queues) and epoch >= self.start_queue_at_epoch
@@ -168,8 +162,8 @@ def _int(name: str, value, low: int) -> int:
 
 
 def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
+    """True / False or 1 / 0 (NumPy's bool has no __index__; or a 0-dim tensor); a truthy "no" is refused."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
     try:
         number = bool(value) if isinstance(value, bool) or numpy_bool else operator.index(value)
     except TypeError:
