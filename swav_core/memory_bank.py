@@ -46,9 +46,9 @@ class MemoryBankModule(nn.Module):
         self.size = size if isinstance(size, int) else shape
         self.gather_distributed = _flag("gather_distributed", gather_distributed)
         self.feature_dim_first = _flag("feature_dim_first", feature_dim_first)
-        with torch.inference_mode(False):  # see _resize; plain attributes, not buffers (see above)
+        with torch.inference_mode(False):  # no inference tensors: they refuse in-place pushes outside it
             self.bank = torch.zeros(shape[0], 0 if isinstance(size, int) else shape[1])
-            self._bank_ptr = torch.zeros(1, dtype=torch.long)
+            self._bank_ptr = torch.zeros(1, dtype=torch.long)  # plain attributes, not buffers (see above)
         self._ptr, self._filled = 0, 0  # the next slot to write; real rows stored, ≤ length
 
     bank_ptr = property(lambda self: self._bank_ptr)  # (1,) int64, refilled by every push
@@ -93,11 +93,9 @@ class MemoryBankModule(nn.Module):
             raise ValueError(f"MemoryBankModule.{what} expects features of shape {want}, got {shape}")
         self._resize(x.shape[1])
 
-    def _resize(self, dim: int) -> None:
-        # A new (length, dim) storage unless it has D = dim already. Outside inference mode, so that a
-        # queue first filled under torch.inference_mode() (a validation pass) still takes in-place pushes.
+    def _resize(self, dim: int) -> None:  # a new (length, dim) storage unless it has D = dim already
         if dim != self.bank.shape[1]:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False):  # see __init__
                 self.bank = self.bank.new_zeros(self.length, dim)
 
     def forward(self, output: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -115,7 +113,7 @@ class MemoryBankModule(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ... move and cast the storage too
         super()._apply(fn, recurse)
-        with torch.inference_mode(False):  # see _resize
+        with torch.inference_mode(False):  # see __init__
             self.bank, self._bank_ptr = fn(self.bank), fn(self._bank_ptr)
         return self
 

@@ -1,5 +1,4 @@
-"""fmcib's ``SwaV`` (``fmcib.ssl.modules.SwaV``): same constructor, attributes and forward. Fixes (README):
-freezing counts steps, not epochs; a queue is used only once full of real features; queues survive DDP."""
+"""fmcib's ``SwaV`` (``fmcib.ssl.modules.SwaV``): same constructor, attributes, forward; fixes in README."""
 import itertools
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
