@@ -35,14 +35,12 @@ class SwaVLoss(nn.Module):
         temperature: τ of the predictions. Default: 0.1.
         sinkhorn_iterations: Sinkhorn-Knopp rounds for the codes. Default: 3.
         sinkhorn_epsilon: ε of the codes. Default: 0.05.
-        sinkhorn_gather_distributed: compute the codes over the batches of all ranks (see
-            :func:`swav_core.sinkhorn`); needs ``torch.distributed``. Default: False.
+        sinkhorn_gather_distributed: codes over the batches of all ranks (see :func:`swav_core.sinkhorn`);
+            needs ``torch.distributed``. Default: False.
 
-    Shape:
-        - high_resolution_outputs: list of n_high ≥ 1 tensors (B, K) (or lists over heads of (B, K_h)).
-        - low_resolution_outputs: list of n_low tensors (B, K), n_high + n_low ≥ 2.
-        - queue_outputs: ``None``, an empty list, or one (N_i, K) tensor per high-resolution crop.
-        - output: 0-dim, float32 (float64 when an input is float64), also under autocast.
+    Shape: high_resolution_outputs: n_high ≥ 1 tensors (B, K) (or lists over heads of (B, K_h));
+    low_resolution_outputs: n_low tensors (B, K), n_high + n_low ≥ 2; queue_outputs: ``None``, ``[]``,
+    or one (N_i, K) per high-resolution crop → 0-dim, float32 (float64 for float64 input).
 
     Example::
 
@@ -109,6 +107,11 @@ class SwaVLoss(nn.Module):
 
     def _head_loss(self, high: Crops, low: Crops, queue: Optional[Crops]) -> torch.Tensor:
         crops, n_high = high + low, len(high)
+        top = 1.0 / ((len(crops) - 1) * crops[0].shape[0] * self.temperature)  # the largest |∂ℓ/∂z|
+        for name, z in _named(high, low):  # a float16 score's gradient must fit float16
+            if top > torch.finfo(z.dtype).max:
+                raise ValueError(f"SwaVLoss: temperature={self.temperature} gives gradients up to {top:.3g} for "
+                                 f"{name}, beyond {z.dtype}'s {torch.finfo(z.dtype).max:.3g}: raise it or use float32")
         dtype = torch.float64 if any(z.dtype == torch.float64 for z in crops) else torch.float32
         with torch.autocast(crops[0].device.type, enabled=False):
             codes = [self._codes(i, z, queue) for i, z in enumerate(high)]  # n_high × (B, K)

@@ -34,44 +34,31 @@ def sinkhorn(
     gather_distributed: bool = False,
     queue: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    r"""Equipartitioned soft codes Q of SwAV by Sinkhorn-Knopp (§3.1): Q* = Diag(u) exp(S/ε) Diag(v).
+    r"""Equipartitioned soft codes Q of SwAV by Sinkhorn-Knopp (§3.1; the algorithm: module docstring).
 
-    Each of ``iterations`` rounds rescales every prototype to mass 1/K, then every sample to 1/B.
-    Equal, up to float32 rounding, to FAIR's / lightly's routine in float64 wherever that stays
-    finite, and to exact (log-domain) Sinkhorn beyond; finite for every finite input.
+    Equal, up to float32 rounding, to FAIR's / lightly's routine in float64 wherever that stays finite,
+    and to exact (log-domain) Sinkhorn beyond; finite for every finite input. Bad shapes or dtypes, NaN
+    or +∞ scores, ``iterations`` < 0 and ``epsilon`` ≤ 0 raise ValueError naming the argument (−∞ means
+    "never assigned"); under ``torch.compile`` the score check and the log-domain hand-over are skipped.
 
     Args:
         out: scores S, e.g. ``prototypes(z)`` (lightly's and FAIR's name); any floating dtype.
-            No gradient flows through the codes.
         iterations: rounds of normalisation; ``0`` gives the per-sample softmax of S/ε. Default: 3.
-        epsilon: entropic regularisation ε > 0. Default: 0.05.
-        gather_distributed: with an initialised process group, sum the prototype masses over all
-            ranks (an all-reduce of K-vectors): each rank gets its rows of the codes of all ranks'
-            batches concatenated; ranks may hold different B. Default: False.
-        queue: scores of N stored samples (SwAV's queue) that share in the equipartition; only
-            ``out``'s rows are returned: ``sinkhorn(cat(out, queue))[:B]``. Default: None.
+        epsilon: entropic regularisation ε. Default: 0.05.
+        gather_distributed: with a process group, each rank gets its rows of the codes of all ranks'
+            batches (an all-reduce of K-vectors; B may differ across ranks). Default: False.
+        queue: scores of N stored samples that share the equipartition; only ``out``'s rows are
+            returned, as ``sinkhorn(cat(out, queue))[:B]``. Default: None.
 
-    Shape:
-        out (B, K), queue (N, K) → (B, K), float32 (float64 for float64 input); rows sum to 1.
-
-    Raises ValueError, naming the argument, for bad shapes or dtypes, NaN or +∞ scores (−∞ means
-    "never assigned": fine while every sample and prototype keeps a finite score), ``iterations``
-    not an int ≥ 0, and ``epsilon`` not a finite number > 0 (or with 2/ε overflowing). While
-    ``torch.compile`` traces, the score check and the log-domain hand-over are skipped.
+    Shape: out (B, K), queue (N, K) → (B, K), float32 (float64 for float64 input), rows sum to 1;
+    no gradient.
 
     Example::
 
-        >>> q = sinkhorn(torch.randn(256, 3000), queue=torch.randn(3840, 3000))
-        >>> q.shape, q.sum(dim=1)[:2]
-        (torch.Size([256, 3000]), tensor([1.0000, 1.0000]))
+        >>> sinkhorn(torch.randn(256, 3000), queue=torch.randn(3840, 3000)).shape
+        torch.Size([256, 3000])
     """
-    iterations, epsilon = _check_hyper(iterations, epsilon, gather_distributed)
-    blocks, names = _check_scores(out, queue)
-    blocks, names = (blocks, names) if iterations > 0 else (blocks[:1], names[:1])  # a softmax: no queue
-    dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
-    if 2.0 / epsilon > torch.finfo(dtype).max:
-        raise ValueError(f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
-                         f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}")
+    blocks, iterations, epsilon, dtype = _check(out, queue, iterations, epsilon, gather_distributed)
     gather = gather_distributed and iterations > 0 and dist.is_available() and dist.is_initialized()
     gather = bool(gather) and dist.get_world_size() > 1
     rows = out.shape[0]
@@ -92,7 +79,7 @@ def sinkhorn(
             return q
         finite, exact, local = torch.stack([finite, exact, local]).tolist()  # the one host sync
         if not finite:
-            raise ValueError(_non_finite_message(blocks, names, iterations, elsewhere=local))
+            raise ValueError(_non_finite_message(blocks, iterations, elsewhere=local))
         return q if exact else q.copy_(_log_codes(blocks, iterations, epsilon, gather, rows))
 
 
@@ -181,7 +168,8 @@ def _column_max(blocks, gather: bool, dtype) -> torch.Tensor:
     return m
 
 
-def _non_finite_message(blocks, names, iterations: int, elsewhere: bool) -> str:
+def _non_finite_message(blocks, iterations: int, elsewhere: bool) -> str:
+    names = ["out", "queue"][: len(blocks)]
     if elsewhere:  # this rank's scores are fine; the gathered masses are not
         return (f"sinkhorn: another rank's scores are not finite (NaN, +inf, or a sample or prototype "
                 f"with only -inf); this rank's {' and '.join(names)} are")
@@ -191,25 +179,19 @@ def _non_finite_message(blocks, names, iterations: int, elsewhere: bool) -> str:
         f"{' and every prototype' if iterations > 0 else ''} keeps a finite score")
 
 
-def _check_scores(out, queue):
-    """[out] or [out, queue] (an empty queue adds nothing) after checking them, and their names."""
-    named = [("out", out)] + ([] if queue is None else [("queue", queue)])
-    for name, s in named:
+def _check(out, queue, iterations, epsilon, gather_distributed):
+    """The score blocks ([out], or [out, queue] unless the queue is empty or iterations = 0),
+    iterations, ε and the compute dtype, after checking every argument (on ε by comparisons only:
+    torch.compile traces a symbolic float)."""
+    for name, s in [("out", out)] + ([] if queue is None else [("queue", queue)]):
         if not (isinstance(s, torch.Tensor) and s.dim() == 2 and s.is_floating_point()) or (
             s.shape[1] == 0 or (name == "out" and s.shape[0] == 0) or s.shape[1] != out.shape[1]
         ):
             got = f"shape {tuple(s.shape)}, dtype {s.dtype}" if isinstance(s, torch.Tensor) else type(s).__name__
             want = "(B, K)" if name == "out" else f"(N, K) with K={out.shape[1]} like out"
             raise ValueError(f"sinkhorn: {name} must be a non-empty 2-D floating-point tensor {want}, got {got}")
-    named = [(name, s) for name, s in named if len(s) > 0]
-    return [s for _, s in named], [name for name, _ in named]
-
-
-def _check_hyper(iterations, epsilon, gather_distributed):
-    """``iterations`` as an int ≥ 0 (NumPy ints too, not bools) and ``epsilon`` as a float > 0 with
-    a finite inverse (comparisons only: torch.compile traces a symbolic ε); the flag a bool."""
     try:
-        number = None if isinstance(iterations, bool) else operator.index(iterations)
+        number = None if isinstance(iterations, bool) else operator.index(iterations)  # NumPy ints too
     except TypeError:
         number = None
     if number is None or number < 0:
@@ -220,4 +202,9 @@ def _check_hyper(iterations, epsilon, gather_distributed):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     if gather_distributed not in (False, True):  # "no" is truthy: bools (or 0 / 1) only
         raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
-    return number, float(epsilon)
+    blocks = [out] if queue is None or len(queue) == 0 or number == 0 else [out, queue]
+    dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
+    if 2.0 / epsilon > torch.finfo(dtype).max:
+        raise ValueError(f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
+                         f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}")
+    return blocks, number, float(epsilon), dtype

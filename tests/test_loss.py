@@ -11,6 +11,8 @@ from oracles import make_crops, per_pair_oracle, textbook_fp64
 from strategies import examples, swav_crop_configs
 from swav_core import SwaVLoss
 
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
 
 # ---- value -------------------------------------------------------------------------------------
 
@@ -246,6 +248,25 @@ def test_lone_high_resolution_crop_may_hold_minus_inf(device):
     low[0][2, 3] = 3e38  # but 3e38 / τ overflows
     with pytest.raises(ValueError, match=r"scores up to 3e\+38 divided by temperature=0.1 overflow"):
         SwaVLoss()(high, low)
+
+
+@settings(max_examples=examples(30))
+@given(config=swav_crop_configs(), temperature=st.floats(1e-7, 1e-3), dtype=st.sampled_from(DTYPES))
+@example(config=(2, 0, 2, 5, None, 0), temperature=1e-6, dtype=torch.float16)  # gradients of 5e5: inf
+def test_low_precision_scores_get_finite_gradients_or_a_clear_error(device, config, temperature, dtype):
+    """A tiny τ on float16 scores: either a ValueError naming the temperature and the dtype, or a finite
+    loss with finite gradients. |∂ℓ/∂z| reaches 1/((n_crops − 1) B τ) for a confident wrong prediction."""
+    high, low, queue = make_crops(*config, device, dtype)
+    crops = [z.requires_grad_() for z in high + low]
+    n_high = len(high)
+    bound = 1.0 / ((len(crops) - 1) * crops[0].shape[0] * temperature)
+    if bound > torch.finfo(dtype).max:
+        with pytest.raises(ValueError, match=f"temperature={temperature}.*{dtype}"):
+            SwaVLoss(temperature)(crops[:n_high], crops[n_high:], queue)
+        return
+    loss = SwaVLoss(temperature)(crops[:n_high], crops[n_high:], queue)
+    loss.backward()
+    assert torch.isfinite(loss) and all(z.grad is None or torch.isfinite(z.grad).all() for z in crops)
 
 
 def test_overflowing_temperature_raises(device):
