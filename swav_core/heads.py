@@ -64,6 +64,7 @@ class SwaVProjectionHead(nn.Module):
             nn.ReLU(), nn.Linear(self.hidden_dim, self.output_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """z = W₂ ReLU(BN(W₁ x)) + b₂: (B, input_dim) → (B, output_dim), not normalised."""
         _check_features(x, self.input_dim, "SwaVProjectionHead")
         return self.layers(x)  # (B, D)
 
@@ -113,6 +114,7 @@ class SwaVPrototypes(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(self.input_dim, k, bias=self.bias) for k in ks])
 
     def forward(self, x: torch.Tensor, step: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Scores x Cᵀ (+ b): (B, D) → (B, K), or a list over heads; frozen while ``step`` < n (see above)."""
         _check_features(x, self.input_dim, "SwaVPrototypes")
         n = self.n_steps_frozen_prototypes  # without a gradient: nothing to freeze, no step to check
         if n > 0 and step is None and self.training and torch.is_grad_enabled():

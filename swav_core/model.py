@@ -71,6 +71,12 @@ class SwaV(nn.Module):
     def forward(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
                 epoch: Optional[int] = None, step: Optional[int] = None,
                 ) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
+        """Prototype scores of every crop, and of the full queues: ``(high, low, queue_or_None)``.
+
+        ``input`` is (high-resolution crops, low-resolution crops), lists of (B, C, *spatial); ``step``
+        (the optimisation step) drives prototype freezing, ``epoch`` the queue's start. This step's
+        high-resolution features are pushed after their queues are scored.
+        """
         high, low, epoch = self._check_input(input, epoch, step)  # before any state changes
         n_crops, n_high = len(high) + len(low), len(high)
         self.prototypes.normalize()

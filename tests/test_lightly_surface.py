@@ -419,3 +419,10 @@ def test_remaining_differences_from_lightly_and_fmcib(device):
     loss = SwaVLoss()(*model(crops, epoch=0, step=0))
     assert loss.shape == () and torch.isfinite(loss)
     assert [q.num_filled for q in model.queues] == [2, 2]
+
+
+def test_every_public_forward_documents_itself():
+    """``help(SwaV.forward)`` and the others show their own text, not torch's generic ``Module.forward``."""
+    for cls in (SwaV, SwaVLoss, SwaVProjectionHead, SwaVPrototypes, MemoryBankModule):
+        doc = inspect.getdoc(cls.forward)
+        assert cls.forward is not nn.Module.forward and doc and doc != inspect.getdoc(nn.Module.forward), cls
