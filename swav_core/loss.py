@@ -1,7 +1,6 @@
 """The SwAV swapped-prediction loss (Caron et al., 2020, arXiv:2006.09882, §3.1 and multi-crop §3.2)."""
 import math
 import numbers
-import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -57,24 +56,21 @@ class SwaVLoss(nn.Module):
         sinkhorn_gather_distributed: bool = False,
     ):
         super().__init__()
-        for name, value in [("temperature", temperature), ("sinkhorn_epsilon", sinkhorn_epsilon)]:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-                0.0 < value < math.inf and 1.0 / value < math.inf
-            ):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        try:
-            iterations = None if isinstance(sinkhorn_iterations, bool) else operator.index(sinkhorn_iterations)
-        except TypeError:
-            iterations = None
-        if iterations is None or iterations < 0:
-            raise ValueError(f"sinkhorn_iterations must be a non-negative int, got {sinkhorn_iterations!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            0.0 < temperature < math.inf and 1.0 / temperature < math.inf
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        try:  # sinkhorn's own checks on a 1 × 1 score; its messages begin with the argument's name
+            sinkhorn(torch.zeros(1, 1), sinkhorn_iterations, sinkhorn_epsilon)
+        except ValueError as error:
+            raise ValueError(f"sinkhorn_{error}") from None
         if sinkhorn_gather_distributed not in (False, True):  # "no" is truthy: bools (or 0 / 1) only
             raise ValueError(f"sinkhorn_gather_distributed must be a bool, got {sinkhorn_gather_distributed!r}")
         if sinkhorn_gather_distributed and not dist.is_available():
             raise ValueError("sinkhorn_gather_distributed=True needs torch.distributed, which is not "
                              "available in this torch build")
         self.temperature = float(temperature)
-        self.sinkhorn_iterations = iterations
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.sinkhorn_epsilon = float(sinkhorn_epsilon)
         self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
 
