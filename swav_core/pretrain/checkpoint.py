@@ -12,10 +12,13 @@
 - ``loss_window_per_rank``: each rank's losses since the last log row, so that a resumed run logs
   the same rows as an uninterrupted one;
 - ``config`` (the options, data defaults filled in), ``world_size``, ``loss_first``, ``loss_last``,
-  ``seconds`` (training time so far) and ``torch`` (the version string that wrote it).
+  ``seconds`` (training time so far), ``torch`` and ``swav_core`` (the versions that wrote it).
+
+At the end of a run, ``backbone.pt`` holds the backbone's state_dict alone (:func:`save_backbone`).
 
 It holds only tensors, containers and plain values, so :func:`load` reads it with ``weights_only=True``.
 """
+import argparse
 import contextlib
 import os
 from typing import Any, Dict, List
@@ -24,12 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
-from .data import UsageError
+from .data import SYNTHETIC, UsageError
 
-__all__ = ["save", "load", "gather", "check_config", "rng_state", "set_rng_state"]
+__all__ = ["save", "load", "gather", "normalised", "resumed_options", "save_backbone", "rng_state",
+           "set_rng_state"]
 
 # Options that may differ between a run and its resumption; any other difference is an error.
-RUN_ONLY = {"out", "steps", "stop_at", "resume", "device", "amp", "log_every", "ckpt_every", "knn_k"}
+RUN_ONLY = {"out", "steps", "stop_at", "resume", "device", "amp", "log_every", "ckpt_every", "knn_k", "workers", "plot"}
 
 
 def gather(obj: Any) -> List[Any]:
@@ -95,11 +99,31 @@ def load(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def check_config(saved: Dict[str, Any], current: Dict[str, Any], saved_world: int, world: int) -> None:
-    """Raise :class:`UsageError` when the resumed run would not continue the saved one."""
-    diff = {k: (saved.get(k), v) for k, v in current.items() if k not in RUN_ONLY and saved.get(k) != v}
+def normalised(option: str, value: Any) -> Any:
+    """``value`` of ``option`` in the form runs are compared in: a ``--data`` folder as its real absolute
+    path (``../data/`` and ``/home/me/data`` are the same data), lists as tuples."""
+    if option == "data" and isinstance(value, str) and value not in SYNTHETIC:
+        return os.path.realpath(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def resumed_options(saved: Dict[str, Any], args: argparse.Namespace, given: Dict[str, Any]) -> argparse.Namespace:
+    """The options of a resumed run: the checkpoint's ``saved`` ones, then the run-only options in
+    ``given`` (those written on the command line: ``--steps``, ``--device``, …; see :data:`RUN_ONLY`).
+
+    ``--stop-at`` is never inherited. Any other option given is compared after :func:`normalised`,
+    and a real change is a :class:`UsageError` naming the option, the old and the new value.
+    """
+    diff = {k: (saved.get(k), v) for k, v in given.items()
+            if k not in RUN_ONLY and normalised(k, saved.get(k)) != normalised(k, v)}
     if diff:
         lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise UsageError(f"--resume with different options than the checkpoint: {lines}; pass the original options")
-    if saved_world != world:
-        raise UsageError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has {world}")
+        raise UsageError(f"--resume with different options than the checkpoint: {lines}; leave them out to "
+                         f"continue with the checkpoint's own")
+    run_only = {k: v for k, v in given.items() if k in RUN_ONLY}
+    return argparse.Namespace(**{**vars(args), **saved, "out": args.out, "resume": True, "stop_at": None, **run_only})
+
+
+def save_backbone(path: str, backbone: torch.nn.Module) -> None:
+    """Write ``backbone``'s state_dict (CPU tensors, keys without a ``backbone.`` prefix) atomically."""
+    save(path, {k: v.detach().cpu() for k, v in backbone.state_dict().items()})

@@ -2,9 +2,12 @@
 import argparse
 import math
 import sys
+import textwrap
 from typing import List, Optional, Tuple
 
-from .data import UsageError
+from .. import __version__
+from . import plot
+from .data import INPUT_RANGE, UsageError
 from .train import run
 
 __all__ = ["build_parser", "main"]
@@ -14,9 +17,13 @@ Pretrain a small CNN with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then eva
 frozen features by k-NN against the same network at random initialisation.
 
 Writes to --out: checkpoint.pt (every --ckpt-every steps, at the end, at --stop-at and on
-Ctrl-C), log.csv (one row per logged step) and metrics.json (at the end). Run it under
+Ctrl-C), log.csv (one row per logged step: the mean loss since the previous row), and at the end
+metrics.json, backbone.pt (the backbone's state_dict) and loss.png (with matplotlib:
+pip install -e ".[plot]"). --resume continues with the checkpoint's own options. Run it under
 `torchrun --nproc_per_node N -m swav_core.pretrain ...` for DistributedDataParallel.
-"""
+
+{input_range}
+""".format(input_range=textwrap.fill(f"Input range: {INPUT_RANGE}.", 100))
 
 
 EPILOG = """\
@@ -24,7 +31,8 @@ examples:
   python -m swav_core.pretrain                                   # the default run, ~1-2 min on 2 CPU cores
   python -m swav_core.pretrain --data synthetic3d --out runs/3d  # lesion-like 3D volumes
   python -m swav_core.pretrain --data my_arrays/ --steps 5000    # your own .pt/.npy samples
-  python -m swav_core.pretrain --steps 1000 --resume             # continue runs/pretrain/checkpoint.pt
+  python -m swav_core.pretrain --resume                          # continue runs/pretrain/checkpoint.pt
+  python -m swav_core.pretrain --plot runs/pretrain              # draw loss.png for a run folder
   torchrun --nproc_per_node 2 -m swav_core.pretrain              # DDP, gloo on CPU (NCCL with --device cuda)
 """
 
@@ -89,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The job's options, in three groups: the run, SwAV, crops and optimisation."""
     p = argparse.ArgumentParser(prog="python -m swav_core.pretrain", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"swav-core {__version__}")
+    p.add_argument("--plot", metavar="DIR", default=None, help="only draw DIR/loss.png from DIR/log.csv, then exit")
     _run_options(p.add_argument_group("run"))
     _swav_options(p.add_argument_group("SwAV"))
     _crop_options(p.add_argument_group("crops and optimisation"))
@@ -99,7 +109,10 @@ def _run_options(group) -> None:
     group.add_argument("--out", default="runs/pretrain", help="output folder for checkpoint.pt, log.csv, metrics.json")
     group.add_argument("--data", default="synthetic2d",
                        help="synthetic2d (8 shape classes, 32x32), synthetic3d (5 lesion classes, 24^3) or a "
-                            "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape")
+                            "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape, "
+                            "read lazily (see Input range above)")
+    group.add_argument("--workers", type=_non_negative, default=0,
+                       help="processes reading a --data folder (0: the training process)")
     group.add_argument("--steps", type=_positive, default=1000,
                        help="length of the whole schedule in optimisation steps (also when resuming)")
     group.add_argument("--batch-size", type=_int_at_least(2, " (BatchNorm needs 2 samples per step)"), default=None,
@@ -108,7 +121,9 @@ def _run_options(group) -> None:
                        help="seed of the data, the initialisation, every crop and torch's global RNG (per rank)")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass and loss")
-    group.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt up to --steps")
+    group.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt with its options; only --steps, --device, --amp, "
+                            "--stop-at, --workers, --log-every, --ckpt-every and --knn-k may change")
     group.add_argument("--stop-at", type=_positive, default=None, metavar="K",
                        help="stop after step K and save a checkpoint, exactly as an interruption would")
     group.add_argument("--log-every", type=_positive, default=25, help="steps between progress lines / log rows")
@@ -140,7 +155,8 @@ def _crop_options(group) -> None:
                        help="area/volume fraction LO,HI of high-res crops")
     group.add_argument("--low-scale", type=_scale, default=(0.08, 0.3),
                        help="area/volume fraction LO,HI of low-res crops")
-    group.add_argument("--intensity", type=float, default=0.2, help="intensity jitter a*x+b, a in 1±i, b in ±i")
+    group.add_argument("--intensity", type=float, default=0.2,
+                       help="intensity jitter a*x+b, a in 1±i, b in ±i, for inputs on a unit scale (see Input range)")
     group.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW, or SGD with momentum 0.9")
     group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
@@ -165,9 +181,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        if args.plot is not None:
+            return _plot_only(args.plot)
+        return run(args, given=_given(parser, argv, vars(args)))
     except UsageError as e:
         parser.error(str(e))
+
+
+def _given(parser: argparse.ArgumentParser, argv: Optional[List[str]], dests) -> dict:
+    """The options written on the command line: ``argv`` parsed again into a namespace that already
+    holds a marker for every option, so argparse fills in no default."""
+    unset = object()
+    written = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {k: v for k, v in vars(written).items() if v is not unset}
+
+
+def _plot_only(folder: str) -> int:
+    path = plot.write(folder)
+    if path is None:
+        raise UsageError(plot.hint(folder))
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

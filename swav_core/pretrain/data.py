@@ -12,18 +12,22 @@ rotated, unit-radius coordinates, so edges are anti-aliased.
 Batch order, a pure function of (seed, step, rank): every epoch is a fresh permutation drawn from its
 own seeded generator, and the global batch of step t is the slice [t·B·W, (t+1)·B·W) of the
 concatenated epochs (W processes, B samples each), rank r taking its r-th part. Resuming at step t
-therefore needs no sampler state, and ranks never share a sample within a step.
+therefore needs no sampler state, and ranks never share a sample within a step. A folder is read
+lazily, file by file, through a ``torch.utils.data.DataLoader`` that follows this same order
+(:func:`batches`), so memory does not grow with the number of files.
 """
 import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["UsageError", "Data", "load_data", "load_folder", "batch_indices", "derive_seed",
+__all__ = ["UsageError", "Data", "load_data", "FolderDataset", "load_folder", "to_unit_float", "check_sample",
+           "INPUT_RANGE", "batch_indices", "batches", "derive_seed",
            "synthetic2d", "synthetic3d", "CLASSES_2D", "CLASSES_3D"]
 
 CLASSES_2D = ("disc", "ring", "square", "triangle", "plus", "ellipse", "frame", "star")
@@ -39,44 +43,62 @@ class UsageError(ValueError):
 
 @dataclass
 class Data:
-    """``train`` (N, C, *spatial) float32; labels and a held-out set only where known (for k-NN)."""
+    """``train`` (N, C, *spatial) float32, in memory (a tensor) or read lazily (a :class:`FolderDataset`);
+    labels and a held-out set only where known (for k-NN)."""
 
-    train: torch.Tensor
+    train: Union[torch.Tensor, "FolderDataset"]
     train_labels: Optional[torch.Tensor] = None
     test: Optional[torch.Tensor] = None
     test_labels: Optional[torch.Tensor] = None
 
     @property
     def dims(self) -> int:
-        return self.train.ndim - 2
+        return len(self.train.shape) - 2
 
 
 def load_data(spec: str, seed: int, n_train: Optional[int] = None, n_test: int = 1024,
               size: Optional[int] = None) -> Data:
-    """``spec`` is ``synthetic2d``, ``synthetic3d`` or a folder path (see :func:`load_folder`)."""
+    """``spec`` is ``synthetic2d``, ``synthetic3d`` or a folder path (see :class:`FolderDataset`)."""
     if spec in SYNTHETIC:
         make, default_size, default_n = SYNTHETIC[spec]
         size, n_train = size or default_size, n_train or default_n
         x, y = make(n_train, size, seed=seed)
         xt, yt = make(n_test, size, seed=seed + 7919)  # held out: another stream of the generator
         return Data(x, y, xt, yt)
-    return Data(load_folder(spec))
+    return Data(FolderDataset(spec))
 
 
-def _read(path: str) -> torch.Tensor:
-    """One sample; a file that cannot be read is a :class:`UsageError` naming it (no unpickling advice)."""
+def _numpy(path: str):
+    try:
+        import numpy as np  # optional, only for .npy folders
+    except ImportError as e:
+        raise UsageError(f"--data: reading {path} needs numpy; install it or save the arrays as .pt") from e
+    return np
+
+
+def _torch_load(path: str, mmap: bool):
+    if mmap:
+        try:  # the zip format maps without reading the values; anything else is read below, which says why
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never arbitrary code
+
+
+def _read(path: str, peek: bool = False) -> torch.Tensor:
+    """One sample as stored; ``peek``: only its shape and dtype (a meta or memory-mapped tensor, no
+    values read). A file that cannot be read is a :class:`UsageError` naming it."""
     if path.endswith(".npy"):
+        np = _numpy(path)
         try:
-            import numpy as np  # optional, only for .npy folders
-        except ImportError as e:
-            raise UsageError(f"--data: reading {path} needs numpy; install it or save the arrays as .pt") from e
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            a = np.load(path, mmap_mode="r" if peek else None, allow_pickle=False)
+            dtype = torch.from_numpy(np.empty(0, a.dtype)).dtype
+            return torch.empty(a.shape, dtype=dtype, device="meta") if peek else torch.from_numpy(a)
         except Exception as e:
             raise UsageError(f"--data: cannot read {path} ({type(e).__name__}); expected one array saved "
                              f"with numpy.save, of a numeric dtype") from e
     try:
-        x = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never arbitrary code
+        x = _torch_load(path, mmap=peek)
     except Exception as e:
         raise UsageError(f"--data: cannot read {path} ({type(e).__name__}); expected one tensor saved with "
                          f"torch.save") from e
@@ -85,29 +107,69 @@ def _read(path: str) -> torch.Tensor:
     return x
 
 
-def load_folder(path: str) -> torch.Tensor:
-    """Stack a folder of ``.pt`` / ``.npy`` files, one sample per file, into (N, C, *spatial) float32.
+# Integer samples are scaled by their type's maximum; see INPUT_RANGE.
+UNIT_SCALE = {torch.bool: 1.0, torch.uint8: 255.0, torch.uint16: 65535.0}
+INPUT_RANGE = ("the crops' intensity jitter assumes values on a unit scale, about [0, 1]: float files are used "
+               "as they are (normalise them yourself), uint8/uint16 files are divided by 255/65535, bool files "
+               "give 0/1; signed integers (CT in HU) have no fixed unit range and are refused: window and scale "
+               "them to [0, 1] yourself and save float32")
 
-    Each file holds one sample shaped (C, H, W) (2D) or (C, D, H, W) (3D); all files must share one
-    shape. Files are read in sorted name order; other files are ignored.
+
+def to_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 by the rule of :data:`INPUT_RANGE` (a dtype :func:`check_sample` accepts)."""
+    return x.float() if x.dtype.is_floating_point else x.float() / UNIT_SCALE[x.dtype]
+
+
+def check_sample(x: torch.Tensor, path: str) -> None:
+    """One sample's rank and dtype; a :class:`UsageError` naming the file otherwise."""
+    if x.ndim not in (3, 4):
+        raise UsageError(f"--data: {path} has shape {tuple(x.shape)}; expected one sample (C, H, W) or (C, D, H, W)")
+    if not (x.dtype.is_floating_point or x.dtype in UNIT_SCALE):
+        raise UsageError(f"--data: {path} holds {str(x.dtype).replace('torch.', '')} values; expected float, uint8, "
+                         f"uint16 or bool samples. Signed data such as CT in HU has no fixed unit range: window "
+                         f"it yourself, e.g. ((x.clamp(-1000, 1000) + 1000) / 2000).float(), and save that")
+
+
+class FolderDataset(Dataset):
+    """A folder of ``.pt`` / ``.npy`` files, one sample per file, read lazily: sample ``i`` is the
+    ``i``-th file in sorted name order, (C, H, W) or (C, D, H, W) as float32 (:func:`to_unit_float`).
+
+    The constructor maps every file once for its shape and dtype, reading no values, so a bad file
+    is refused before training and memory holds the file names only. ``shape`` is (N, C, *spatial).
     """
-    if not os.path.isdir(path):
-        raise UsageError(f"--data {path!r}: no such folder (expected synthetic2d, synthetic3d or a folder of .pt/.npy files)")
-    names = sorted(f for f in os.listdir(path) if f.endswith(EXTENSIONS))
-    if not names:
-        raise UsageError(f"--data {path!r}: the folder holds no .pt or .npy files")
-    samples, shapes = [], {}  # type: list, Dict[tuple, str]
-    for name in names:
-        x = _read(os.path.join(path, name))
-        if x.ndim not in (3, 4):
-            raise UsageError(f"--data: {os.path.join(path, name)} has shape {tuple(x.shape)}; "
-                             f"expected one sample (C, H, W) or (C, D, H, W)")
-        shapes.setdefault(tuple(x.shape), name)
-        if len(shapes) > 1:
-            (s0, f0), (s1, f1) = list(shapes.items())[:2]
-            raise UsageError(f"--data {path!r}: files have different shapes: {f0} is {s0} but {f1} is {s1}")
-        samples.append(x.float())
-    return torch.stack(samples)
+
+    def __init__(self, path: str):
+        if not os.path.isdir(path):
+            raise UsageError(f"--data {path!r}: no such folder (expected synthetic2d, synthetic3d or a folder of .pt/.npy files)")
+        names = sorted(f for f in os.listdir(path) if f.endswith(EXTENSIONS))
+        if not names:
+            raise UsageError(f"--data {path!r}: the folder holds no .pt or .npy files")
+        self.files = [os.path.join(path, name) for name in names]
+        first = {}  # type: Dict[tuple, str]
+        for name, file in zip(names, self.files):
+            x = _read(file, peek=True)
+            check_sample(x, file)
+            first.setdefault(tuple(x.shape), name)
+            if len(first) > 1:
+                (s0, f0), (s1, f1) = list(first.items())[:2]
+                raise UsageError(f"--data {path!r}: files have different shapes: {f0} is {s0} but {f1} is {s1}")
+        self.shape = (len(names),) + next(iter(first))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = _read(self.files[i])
+        check_sample(x, self.files[i])
+        if tuple(x.shape) != self.shape[1:]:  # the file changed since the scan
+            raise UsageError(f"--data: {self.files[i]} is now {tuple(x.shape)}, expected {self.shape[1:]}")
+        return to_unit_float(x)
+
+
+def load_folder(path: str) -> torch.Tensor:
+    """Every sample of :class:`FolderDataset` ``(path)`` stacked in memory, (N, C, *spatial) float32."""
+    dataset = FolderDataset(path)
+    return torch.stack([dataset[i] for i in range(len(dataset))])
 
 
 def derive_seed(*parts) -> int:
@@ -126,6 +188,32 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, rank: int = 0, 
         sel = epochs == e
         out[sel] = perm[offsets[sel]]
     return out
+
+
+class _StepBatches:
+    """A ``DataLoader`` batch sampler: the indices of steps ``start`` … ``end - 1`` (:func:`batch_indices`)."""
+
+    def __init__(self, start: int, end: int, batch_size: int, n: int, seed: int, rank: int, world: int):
+        self.steps, self.args = range(start, end), (batch_size, n, seed, rank, world)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return (batch_indices(step, *self.args).tolist() for step in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def batches(train, batch_size: int, seed: int, start: int, end: int, rank: int = 0, world: int = 1,
+            workers: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """The batch (B, C, *spatial) of each step ``start`` … ``end - 1``, in :func:`batch_indices` order.
+
+    ``train`` in memory is indexed directly; a :class:`FolderDataset` is read by a ``DataLoader`` with
+    ``workers`` processes (0: this one) and, for CUDA, ``pin_memory``. Both give the same batches.
+    """
+    steps = _StepBatches(start, end, batch_size, len(train), seed, rank, world)
+    if isinstance(train, torch.Tensor):
+        return (train[idx] for idx in steps)
+    return iter(DataLoader(train, batch_sampler=steps, num_workers=workers, pin_memory=pin_memory))
 
 
 # --- synthetic sets -------------------------------------------------------------------------------

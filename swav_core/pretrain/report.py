@@ -2,10 +2,10 @@
 import csv
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
-__all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "reset_log", "append_log",
-           "write_metrics"]
+__all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "reset_log",
+           "append_log", "write_metrics"]
 
 LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed")
 
@@ -29,25 +29,32 @@ def crops_text(crops) -> str:
     return f"{crops.n_high}x{size(crops.high_size)} + {crops.n_low}x{size(crops.low_size)} crops"
 
 
-def summary(m: Dict[str, Any], knn_k: int, checkpoint_path: str) -> str:
-    """The lines printed at the end of the job, from its ``metrics.json`` values ``m``."""
+def summary(m: Dict[str, Any], knn_k: int, out: str, plot_hint: Optional[str]) -> str:
+    """The lines printed at the end of the job, from its ``metrics.json`` values ``m``; ``plot_hint``
+    says how to get ``loss.png`` where it could not be drawn (None: it was)."""
     lines = [f"done: {m['steps']} steps, {m['seconds']:.1f} s training ({m['crops_per_s']:,.0f} crops/s), "
-             f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}"]
+             f"loss {m['loss_first']:.4f} -> {m['loss_last']:.4f} (first and last log.csv rows)"]
     if m.get("knn_top1") is not None:
         lines.append(f"k-NN top-1 (k={knn_k}, {m['knn_test_samples']} held-out samples): "
                      f"{m['knn_top1']:.3f} pretrained vs {m['knn_top1_random_init']:.3f} at random initialisation")
     else:
         lines.append("k-NN evaluation skipped: the data has no labels")
-    lines.append(f"wrote {checkpoint_path}, metrics.json, log.csv")
-    return "\n".join(lines)
+    png = [] if plot_hint else ["loss.png"]
+    lines.append(f"wrote {', '.join(['checkpoint.pt', 'backbone.pt', 'metrics.json', 'log.csv'] + png)} to {out}")
+    return "\n".join(lines + ([plot_hint] if plot_hint else []))
+
+
+def read_log(path: str) -> List[Dict[str, str]]:
+    """The rows of ``log.csv`` (:data:`LOG_FIELDS`, as strings)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def reset_log(path: str, keep_until_step: int) -> None:
     """Start ``log.csv`` afresh, keeping the rows of steps ≤ ``keep_until_step`` (those a resume keeps)."""
     rows = []
     if keep_until_step > 0 and os.path.isfile(path):
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until_step]
+        rows = [r for r in read_log(path) if int(r["step"]) <= keep_until_step]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         writer.writeheader()

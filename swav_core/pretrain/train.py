@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import MultiCrop, SwaV, SwaVLoss
-from . import checkpoint, report
-from .data import Data, UsageError, batch_indices, derive_seed, load_data
+from .. import MultiCrop, SwaV, SwaVLoss, __version__
+from . import checkpoint, plot, report
+from .data import SYNTHETIC, Data, UsageError, batches, derive_seed, load_data
 from .evaluate import evaluate
 
 __all__ = ["run", "lr_at", "SmallCNN", "StopRequest", "rank", "world_size"]
@@ -183,19 +183,24 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file, expected a folder (or a path to create one)")
-    path = os.path.join(args.out, "checkpoint.pt")
-    if args.resume and not os.path.isfile(path):
-        raise UsageError(f"--resume: no checkpoint at {path}; run once without --resume first")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption)."""
+def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
+    """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption).
+
+    ``given``: the options written on the command line (default: those of ``args`` that are not None).
+    With ``--resume`` the others come from the checkpoint (:func:`~.checkpoint.resumed_options`).
+    """
+    ckpt = checkpoint.load(os.path.join(args.out, "checkpoint.pt")) if args.resume else None
+    if ckpt is not None:
+        given = {k: v for k, v in vars(args).items() if v is not None} if given is None else given
+        args = checkpoint.resumed_options(ckpt["config"], args, given)
     _check_args(args)
     device, owns_group = _setup_distributed(args.device)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     try:  # the job seeds torch's global RNG for itself; the caller's is restored afterwards
         with StopRequest() as stop, torch.random.fork_rng(devices=cuda_devices):
-            return _run(args, device, stop)
+            return _run(args, device, stop, ckpt)
     finally:
         if owns_group:
             # Free DDP's reducer (held in reference cycles) and its pending gloo work while the
@@ -209,14 +214,17 @@ class _Progress:
     """What the loop carries from step to step and saves with the checkpoint."""
 
     step: int = 0
-    loss_first: Optional[float] = None
+    loss_first: Optional[float] = None  # the first and last log.csv rows' loss (window means)
     loss_last: Optional[float] = None
     seconds: float = 0.0  # time spent in training steps, over all sessions of the run
     window: List[float] = field(default_factory=list)  # losses since the last progress line
-    # When, and after which step, this session's current window began: crops/s and the ETA count only
-    # the steps since (after a resume, ``window`` also holds losses from before the interruption).
+    # When, and after which step, this session and its current window began: crops/s counts the
+    # window's steps, the ETA all of this session's (after a resume, ``window`` also holds losses
+    # from before the interruption).
     window_start: float = field(default_factory=time.perf_counter)
     window_from: int = 0
+    session_start: float = field(default_factory=time.perf_counter)
+    session_from: int = 0
 
 
 def _with_data_defaults(args: argparse.Namespace, data: Data) -> argparse.Namespace:
@@ -226,6 +234,7 @@ def _with_data_defaults(args: argparse.Namespace, data: Data) -> argparse.Namesp
         **vars(args),
         "batch_size": args.batch_size or (64 if two_d else 32),
         "widths": tuple(args.widths or ((16, 32, 64, 128) if two_d else (8, 16, 32, 64))),
+        "n_train": len(data.train) if args.data in SYNTHETIC else args.n_train,
     })
 
 
@@ -235,7 +244,7 @@ def _check_data(args: argparse.Namespace, data: Data) -> None:
                          f"(--n-train); lower --knn-k or raise --n-train")
 
 
-def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> int:
+def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
     data = load_data(args.data, args.seed, n_train=args.n_train, n_test=args.n_test)
     args = _with_data_defaults(args, data)
     _check_data(args, data)
@@ -244,23 +253,26 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
     except OSError as e:
         raise UsageError(f"--out {args.out!r}: cannot create the folder ({e.strerror})") from e
     paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
-    config = dict(vars(args))
+    config = {**vars(args), "data": checkpoint.normalised("data", args.data)}
     crops, model, optimizer, loss_fn = _build(args, data, device)
     # The job's own steps do not draw from the global RNG (data order and crops have seeded generators
     # of their own), a user's backbone may (dropout). Seeded per rank after _build, whose seeded
     # initialisation resets the CUDA generators; --resume then restores the saved states.
     torch.manual_seed(derive_seed("global", args.seed, rank()))
     init_backbone = copy.deepcopy(model.backbone).cpu()  # the random-initialisation baseline
-    progress = _resume(args, config, paths["checkpoint.pt"], model, optimizer) if args.resume else _Progress()
+    progress = _resume(args, ckpt, paths["checkpoint.pt"], model, optimizer) if ckpt else _Progress()
     if rank() == 0:
         report.reset_log(paths["log.csv"], progress.step)
     net = DistributedDataParallel(model) if world_size() > 1 else model
     end = min(args.steps, args.stop_at or args.steps)
     _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {world_size()} process(es) on {device} | "
          f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
-    progress.window_start, progress.window_from = time.perf_counter(), progress.step
+    progress.window_start = progress.session_start = time.perf_counter()
+    progress.window_from = progress.session_from = progress.step
+    loader = batches(data.train, args.batch_size, args.seed, progress.step, end, rank(), world_size(),
+                     args.workers, pin_memory=device.type == "cuda")
     for step in range(progress.step, end):
-        _train_step(args, step, data, crops, net, loss_fn, optimizer, device, progress)
+        _train_step(args, step, loader, len(data.train), crops, net, loss_fn, optimizer, device, progress)
         # Not at --stop-at: a stopped and resumed run logs the same rows as an uninterrupted one.
         if progress.step % args.log_every == 0 or progress.step == args.steps:
             _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
@@ -277,9 +289,10 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest) -> i
     return 0
 
 
-def _resume(args, config, path: str, model, optimizer) -> _Progress:
-    ckpt = checkpoint.load(path)
-    checkpoint.check_config(ckpt["config"], config, ckpt["world_size"], world_size())
+def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
+    if ckpt["world_size"] != world_size():
+        raise UsageError(f"--resume: the checkpoint was written by {ckpt['world_size']} process(es), "
+                         f"this run has {world_size()}")
     if args.steps < ckpt["step"]:
         raise UsageError(f"--steps {args.steps} but the checkpoint is already at step {ckpt['step']}; "
                          f"pass --steps {ckpt['step']} or more")
@@ -293,16 +306,16 @@ def _resume(args, config, path: str, model, optimizer) -> _Progress:
     return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], window)
 
 
-def _train_step(args, step: int, data: Data, crops: MultiCrop, net, loss_fn, optimizer, device, progress) -> None:
-    """One optimisation step; its data and crops depend only on (seed, step, rank)."""
+def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn, optimizer, device, progress) -> None:
+    """One optimisation step on the next batch of ``loader`` (:func:`~.data.batches`, from ``step``,
+    of ``n`` samples); its data and crops depend only on (seed, step, rank)."""
     t0 = time.perf_counter()
-    r, world = rank(), world_size()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args.steps, args.lr, args.warmup_steps)
-    x = data.train[batch_indices(step, args.batch_size, len(data.train), args.seed, r, world)]
-    generator = torch.Generator().manual_seed(derive_seed("crops", args.seed, step, r))
-    high, low = crops(x.to(device), generator=generator)
-    epoch = step * args.batch_size * world // len(data.train)
+    x = next(loader).to(device, non_blocking=True)
+    generator = torch.Generator().manual_seed(derive_seed("crops", args.seed, step, rank()))
+    high, low = crops(x, generator=generator)
+    epoch = step * args.batch_size * world_size() // n
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         high_scores, low_scores, queue_scores = net((high, low), epoch=epoch, step=step)
         loss = loss_fn(high_scores, low_scores, queue_scores)
@@ -312,21 +325,24 @@ def _train_step(args, step: int, data: Data, crops: MultiCrop, net, loss_fn, opt
     value = loss.detach().item()
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr or raise --epsilon")
-    progress.step, progress.loss_last = step + 1, value
-    progress.loss_first = value if progress.loss_first is None else progress.loss_first
+    progress.step = step + 1
     progress.seconds += time.perf_counter() - t0
     progress.window.append(value)
 
 
 def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path: str, device) -> None:
     """A progress line and a log.csv row: the mean loss over all ranks since the last line; crops/s
-    and the ETA from the steps run in this session since then (see :class:`_Progress`)."""
+    from the steps run in this session since then, the ETA from all of this session's steps."""
     mean = sum(progress.window) / len(progress.window)
     mean = _sum_over_ranks(torch.tensor([mean], device=device)).item() / world_size()
-    elapsed, ran = time.perf_counter() - progress.window_start, progress.step - progress.window_from
+    progress.loss_first = mean if progress.loss_first is None else progress.loss_first
+    progress.loss_last = mean
+    now = time.perf_counter()
+    elapsed, ran = now - progress.window_start, progress.step - progress.window_from
     cps = ran * args.batch_size * (crops.n_high + crops.n_low) * world_size() / elapsed
+    per_step = (now - progress.session_start) / (progress.step - progress.session_from)
     if rank() == 0:
-        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * elapsed / ran))
+        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * per_step))
         report.append_log(path, dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
                                      crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}"))
     progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
@@ -342,7 +358,7 @@ def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
             "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
             "config": config, "world_size": world_size(),
             "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
-            "torch": str(torch.__version__),
+            "torch": str(torch.__version__), "swav_core": __version__,
         })
     if world_size() > 1:
         dist.barrier()
@@ -359,10 +375,12 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
             steps=args.steps, loss_first=progress.loss_first, loss_last=progress.loss_last,
             seconds=round(progress.seconds, 3),
             crops_per_s=round(args.batch_size * n_crops * world_size() * args.steps / max(progress.seconds, 1e-9), 1),
-            device=str(device), world_size=world_size(), n_train=len(data.train),
+            device=str(device), world_size=world_size(), n_train=len(data.train), swav_core=__version__,
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         )
         report.write_metrics(path, metrics)
-        _say(report.summary(metrics, args.knn_k, os.path.join(args.out, "checkpoint.pt")))
+        checkpoint.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone)
+        drawn = plot.write(args.out)
+        _say(report.summary(metrics, args.knn_k, args.out, None if drawn else plot.hint(args.out)))
     if world_size() > 1:
         dist.barrier()
