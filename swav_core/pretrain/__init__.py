@@ -4,9 +4,10 @@ Layout (each module imports only those listed before it, so there is no import c
 only the public names of ``swav_core``):
 
 - ``data.py``: :class:`UsageError` (bad input, reported as one ``error:`` line, exit code 2), the
-  embedded synthetic 2D/3D sets, folder loading and the batch order, a pure function of
-  (seed, step, rank);
+  embedded synthetic 2D/3D sets, folders read lazily (integer samples scaled to [0, 1]) and the batch
+  order, a pure function of (seed, step, rank);
 - ``report.py``: progress lines, ``log.csv`` and ``metrics.json``;
+- ``plot.py``: ``loss.png`` from a run folder (matplotlib, optional, imported only there);
 - ``checkpoint.py``: what ``checkpoint.pt`` holds, atomic writes, gathering every rank's state, the
   checks made on resume;
 - ``evaluate.py``: the k-NN evaluation of the learned features against random initialisation;
@@ -16,5 +17,6 @@ only the public names of ``swav_core``):
 Importing this package has no side effects; :func:`main` takes an argv list and returns an exit code.
 """
 from .cli import build_parser, main
+from .train import SmallCNN
 
-__all__ = ["build_parser", "main"]
+__all__ = ["SmallCNN", "build_parser", "main"]
