@@ -14,6 +14,8 @@ class MemoryBankModule(nn.Module):
 
     A push writes at the pointer and wraps around the end, O(B) whatever the length, overwriting only
     the oldest rows; a batch longer than the queue leaves its last ``length`` rows. Empty slots hold 0.
+    A row with NaN or ±inf (after the cast) is not stored and costs no host sync: its slot keeps what it
+    held (the oldest row, one cycle more; before full, a zero row, counted as filled).
 
     lightly's attributes: ``bank``, the (length, D) storage itself ((length, 0) until an int ``size``
     sees a batch), and ``bank_ptr``, the next write position, a read-only (1,) long tensor refilled by
@@ -71,13 +73,10 @@ class MemoryBankModule(nn.Module):
         self._accept(x, "push")
         x = _all_gather(x.detach()) if self.gather_distributed else x.detach()
         length, b = self.length, x.shape[0]
-        n = min(b, length)
-        # The n rows that survive, copied: they may be a view of the storage this write overwrites.
-        rows = x[b - n :].to(device=self.bank.device, dtype=self.bank.dtype, copy=True)
-        start = (self._ptr + b - n) % length  # where they land had the B rows been pushed one by one
-        first = min(n, length - start)
-        self.bank[start : start + first] = rows[:first]
-        self.bank[: n - first] = rows[first:]  # wrap around the end
+        n = min(b, length)  # the last n rows survive, where they land had the B rows been pushed one by one
+        slots = torch.arange(self._ptr + b - n, self._ptr + b, device=self.bank.device) % length  # (n,)
+        rows = x[b - n :].to(device=self.bank.device, dtype=self.bank.dtype)  # (n, D)
+        self.bank[slots] = torch.where(rows.isfinite().all(1, keepdim=True), rows, self.bank[slots])
         self._set_counters((self._ptr + b) % length, min(self._filled + b, length))
 
     def _set_counters(self, ptr: int, filled: int) -> None:

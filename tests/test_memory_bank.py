@@ -77,6 +77,49 @@ def test_ring_buffer_matches_deque(device, seq, cut, via_bytes, fixed_dim):
         _check_against(bank, model, dim, device)
 
 
+def _push_model(model, pushed, x):
+    """The deque after ``push(x)``: a row not finite in the bank's dtype takes its slot's content before the
+    push (slot (pushed + i) % length; the oldest row once full, else a zero row)."""
+    length = model.maxlen
+    before = [x.new_zeros(x.shape[1:])] * length
+    for k, row in enumerate(model):  # deque index k ↔ slot (pushed − len + k) % length
+        before[(pushed - len(model) + k) % length] = row
+    model.extend(row if row.isfinite().all() else before[(pushed + i) % length] for i, row in enumerate(x))
+
+
+_BAD_VALUES = [float("nan"), float("inf"), -float("inf"), 1e300]  # 1e300: finite in float64, inf once cast
+
+
+@settings(max_examples=examples(60))
+@given(seq=push_sequences(), fixed_dim=st.booleans(), data=st.data())
+def test_non_finite_rows_never_enter_the_bank(device, seq, fixed_dim, data):
+    length, dim, sizes = seq
+    bank = MemoryBankModule(size=(length, dim) if fixed_dim else length).to(device)
+    model, pushed = collections.deque(maxlen=length), 0
+    for i, b in enumerate(sizes):
+        x = _rows(pushed + 1, b, dim, device).double()
+        for row in data.draw(st.lists(st.integers(0, b - 1), max_size=b), label=f"bad rows {i}") if b else []:
+            x[row, data.draw(st.integers(0, dim - 1))] = data.draw(st.sampled_from(_BAD_VALUES))
+        _push_model(model, pushed, x.float())
+        bank.push(x)
+        pushed += b
+        assert bool(bank.bank.isfinite().all())
+        assert (bank.num_filled, int(bank.bank_ptr)) == (len(model), pushed % length)
+        assert torch.equal(bank.features(), _expected(model, dim, device))
+
+
+def test_non_finite_rows_pinned(device):
+    rows = _rows(1, 5, 2, device)
+    rows[1, 0], rows[4, 1] = float("nan"), -float("inf")
+    bank = MemoryBankModule(size=(3, 2)).to(device)
+    bank.push(rows[:2])  # before full, the bad row's slot keeps its zero and counts as filled
+    assert bank.num_filled == 2 and torch.equal(bank.features(), torch.stack([rows[0], torch.zeros_like(rows[0])]))
+    full = MemoryBankModule(size=(3, 2)).to(device)
+    full.push(_rows(1, 3, 2, device))
+    full.push(rows[3:])  # row 3 overwrites the oldest, row 1; row 4 is bad: row 2 survives one more cycle
+    assert torch.equal(full.features(), _rows(1, 4, 2, device)[[2, 3, 1]])
+
+
 def test_unordered_view_follows_later_pushes(device):
     bank = MemoryBankModule(size=(4, 2)).to(device)
     bank.push(_rows(1, 4, 2, device))

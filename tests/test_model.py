@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from models import Recorder, backbone_2d, backbone_3d, crops_2d, sorted_rows
-from swav_core import SwaV
+from swav_core import SwaV, SwaVLoss
 from strategies import examples
 
 
@@ -112,6 +112,31 @@ def test_queue_scores_appear_exactly_when_prepush_queue_full(
                 stored = torch.stack(list(oracle[i]))
                 torch.testing.assert_close(sorted_rows(queue[i]), sorted_rows(stored @ w.T))
             oracle[i].extend(recorder.z[i])  # this step's high-res features enter after scoring
+
+
+@pytest.mark.parametrize("bad_step", [1, 3])  # before the queues are full, and after
+def test_a_non_finite_step_leaves_the_queues_clean(device, bad_step):
+    """A NaN crop (an fp16 overflow GradScaler would skip) is named by the loss and never poisons the queues:
+    the following steps train with finite losses and queue scores."""
+    torch.manual_seed(0)
+    model = SwaV(backbone_2d(), 8, 4, 5, n_queues=2, queue_length=4).to(device)
+    loss_fn, optimizer = SwaVLoss(), torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(8):
+        high, low = crops_2d(2, device=device)  # 2 rows per step: the queues are full from step 2 on
+        if step == bad_step:
+            high[1][0, 0, 0, 0] = float("nan")
+        high_scores, low_scores, queue = model((high, low), epoch=0, step=step)
+        assert (queue is not None) == (step >= 2)
+        if step == bad_step:
+            with pytest.raises(ValueError, match=r"high_resolution_outputs\[1\].*finite"):
+                loss_fn(high_scores, low_scores, queue)
+            continue
+        loss = loss_fn(high_scores, low_scores, queue)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert bool(loss.isfinite()) and all(bool(s.isfinite().all()) for s in queue or [])
+        assert all(bool(q.bank.isfinite().all()) for q in model.queues)
 
 
 def test_default_has_no_prototype_bias():
