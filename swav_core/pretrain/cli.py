@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_options(group) -> None:
-    group.add_argument("--out", default="runs/pretrain", help="output folder for checkpoint.pt, log.csv, metrics.json")
+    group.add_argument("--out", default="runs/pretrain", help="output folder for checkpoint.pt, log.csv, metrics.json, backbone.pt, loss.png")
     group.add_argument("--data", default="synthetic2d",
                        help="synthetic2d (8 shape classes, 32x32), synthetic3d (5 lesion classes, 24^3) or a "
                             "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape, "
@@ -114,7 +114,7 @@ def _run_options(group) -> None:
     group.add_argument("--workers", type=_non_negative, default=0,
                        help="processes reading a --data folder (0: the training process)")
     group.add_argument("--steps", type=_positive, default=1000,
-                       help="length of the whole schedule in optimisation steps (also when resuming)")
+                       help="length of the whole schedule in optimisation steps (--resume: the checkpoint's unless given)")
     group.add_argument("--batch-size", type=_int_at_least(2, " (BatchNorm needs 2 samples per step)"), default=None,
                        help="samples per step and process, B >= 2 (default: 64 for 2D data, 32 for 3D)")
     group.add_argument("--seed", type=int, default=0,

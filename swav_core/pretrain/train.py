@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -267,10 +267,7 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
     end = min(args.steps, args.stop_at or args.steps)
     _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {world_size()} process(es) on {device} | "
          f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
-    progress.window_start = progress.session_start = time.perf_counter()
-    progress.window_from = progress.session_from = progress.step
-    loader = batches(data.train, args.batch_size, args.seed, progress.step, end, rank(), world_size(),
-                     args.workers, pin_memory=device.type == "cuda")
+    loader = _start_session(args, data, progress, end, device)
     for step in range(progress.step, end):
         _train_step(args, step, loader, len(data.train), crops, net, loss_fn, optimizer, device, progress)
         # Not at --stop-at: a stopped and resumed run logs the same rows as an uninterrupted one.
@@ -287,6 +284,14 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
         return 0
     _finish(args, config, data, model, init_backbone, crops, device, progress, paths["metrics.json"])
     return 0
+
+
+def _start_session(args, data: Data, progress: _Progress, end: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Start this session's clocks (crops/s, ETA); return the batches of steps ``progress.step`` … ``end - 1``."""
+    progress.window_start = progress.session_start = time.perf_counter()
+    progress.window_from = progress.session_from = progress.step
+    return batches(data.train, args.batch_size, args.seed, progress.step, end, rank(), world_size(),
+                   args.workers, pin_memory=device.type == "cuda")
 
 
 def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
