@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from swav_core.pretrain import build_parser, main
 from swav_core.pretrain.data import FolderDataset, UsageError, batch_indices, batches, load_folder
 
 from test_pretrain import TINY, _assert_states_equal, _ckpt, _job
@@ -79,9 +80,14 @@ def test_folder_run_with_workers_resumes_bitwise(tmp_path):
     args = ["--data", folder, "--steps", "12", "--high-size", "12", "--low-size", "6"]
     assert _job(tmp_path / "straight", *args, "--workers", "2") == 0
     assert _job(tmp_path / "resumed", *args, "--stop-at", "5") == 0
-    from swav_core.pretrain import main
     assert main(["--out", str(tmp_path / "resumed"), "--resume", "--workers", "2"]) == 0
     a, b = _ckpt(tmp_path / "straight"), _ckpt(tmp_path / "resumed")
     _assert_states_equal(a["model"], b["model"])
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["config"]["data"] == folder and metrics["n_train"] == 40
+
+
+def test_help_says_what_input_range_the_augmentations_assume():
+    text = " ".join(build_parser().format_help().split())
+    assert "Input range: the crops' intensity jitter assumes values on a unit scale, about [0, 1]" in text
+    assert "uint8/uint16 files are divided by 255/65535" in text and "signed integers (CT in HU)" in text

@@ -16,7 +16,7 @@ import torch
 import swav_core
 from swav_core.pretrain import SmallCNN, main, train
 
-from test_pretrain import ROOT, TINY, _assert_states_equal, _ckpt, _env, _job
+from test_pretrain import ROOT, _assert_states_equal, _ckpt, _env, _job
 from test_pretrain_inputs import _refused
 
 README = pathlib.Path(ROOT) / "README.md"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from test_pretrain import ROOT
 
 SOURCES = ["setup.cfg", "pyproject.toml", "MANIFEST.in", "LICENSE", "README.md", "swav_core", "tests"]
@@ -34,6 +36,7 @@ def _build_sdist(tmp_path) -> str:
 
 
 def test_sdist_ships_license_console_command_and_collects_its_tests(tmp_path):
+    pytest.importorskip("setuptools", minversion="61")  # the build backend pyproject.toml names
     unpacked = _build_sdist(tmp_path)
     license_text = open(os.path.join(unpacked, "LICENSE")).read()
     assert license_text.startswith("MIT License") and "Copyright (c) 2026 the swav_core authors" in license_text

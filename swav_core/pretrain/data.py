@@ -145,7 +145,7 @@ class FolderDataset(Dataset):
         if not names:
             raise UsageError(f"--data {path!r}: the folder holds no .pt or .npy files")
         self.files = [os.path.join(path, name) for name in names]
-        first = {}  # type: Dict[tuple, str]
+        first: Dict[tuple, str] = {}  # shape -> the first file of that shape
         for name, file in zip(names, self.files):
             x = _read(file, peek=True)
             check_sample(x, file)
