@@ -81,6 +81,15 @@ def test_version_option(tmp_path):
     assert done.returncode == 0 and done.stdout == f"swav-core {swav_core.__version__}\n"
 
 
+def test_a_clean_start_prints_no_warning():
+    """``--help`` on the README's install (numpy optional, absent in CI) writes nothing to stderr: torch's
+    "Failed to initialize NumPy" warning is silenced where swav_core imports torch."""
+    done = subprocess.run([sys.executable, "-m", "swav_core.pretrain", "--help"], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert done.returncode == 0 and "--data" in done.stdout
+    assert done.stderr == "", done.stderr
+
+
 def test_eta_uses_the_throughput_of_the_whole_session(tmp_path, monkeypatch, capsys):
     """Steps 1-4 take 1 s each, steps 5-8 5 s each (a fake clock): at step 8 the ETA for the 8 steps
     left is 8 x (24 s / 8 steps) = 24 s, not the last window's 8 x 5 s."""
