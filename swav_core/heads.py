@@ -31,10 +31,17 @@ def _flag(name: str, value) -> bool:
     return bool(number)
 
 
-def _check_features(x, dim: int, what: str) -> None:
+def _check_features(x, dim: int, what: str, dtype: torch.dtype) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what} expects features of shape (B, {dim}), got {shape}")
+    if x.dtype != dtype:  # autocast casts every float but float64 (torch < 2.4 cannot say: let torch judge)
+        try:
+            cast = torch.is_autocast_enabled(x.device.type)
+        except TypeError:
+            cast = True
+        if not (cast and x.is_floating_point() and torch.float64 not in (x.dtype, dtype)):
+            raise ValueError(f"{what} expects {dtype} features (under autocast: not float64), got {x.dtype}")
 
 
 class SwaVProjectionHead(nn.Module):
@@ -65,7 +72,7 @@ class SwaVProjectionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """z = W₂ ReLU(BN(W₁ x)) + b₂: (B, input_dim) → (B, output_dim), not normalised."""
-        _check_features(x, self.input_dim, "SwaVProjectionHead")
+        _check_features(x, self.input_dim, "SwaVProjectionHead", self.layers[0].weight.dtype)
         return self.layers(x)  # (B, D)
 
     def extra_repr(self) -> str:
@@ -115,7 +122,7 @@ class SwaVPrototypes(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Scores x Cᵀ (+ b): (B, D) → (B, K), or a list over heads; frozen while ``step`` < n (see above)."""
-        _check_features(x, self.input_dim, "SwaVPrototypes")
+        _check_features(x, self.input_dim, "SwaVPrototypes", self.heads[0].weight.dtype)
         n = self.n_steps_frozen_prototypes  # without a gradient: nothing to freeze, no step to check
         if n > 0 and step is None and self.training and torch.is_grad_enabled():
             raise ValueError(f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) "

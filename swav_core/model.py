@@ -32,7 +32,7 @@ class SwaV(nn.Module):
         n_steps_frozen_prototypes: optimisation steps during which the prototypes do not train. Default: 0
         prototype_bias: prototypes with a bias, as lightly >= 1.2.31 and fmcib. Default: False
         group_crops_by_resolution: FAIR's multi-crop forward: the backbone runs once per run of
-            consecutive same-shaped crops, the projection head once on all crops. Default: False
+            consecutive crops of one shape and dtype, the projection head once on all crops. Default: False
 
     Shape:
         forward(((x_1..x_V1), (x'_1..x'_V2)), epoch, step) → (high: V1 × (B, K), low: V2 × (B, K),
@@ -129,8 +129,8 @@ class SwaV(nn.Module):
         """Unit-norm projections z of all V crops, crop after crop: (V·B, D)."""
         if not self.group_crops_by_resolution:  # fmcib: one backbone and head call per crop
             return F.normalize(torch.cat([self.projection_head(self._backbone(x)) for x in crops]), dim=1)
-        # FAIR's multi-crop: one backbone call per run of same-shaped crops, one head call for all
-        runs = [list(run) for _, run in itertools.groupby(crops, key=lambda x: x.shape)]
+        # FAIR's multi-crop: a backbone call per run of one shape and dtype (cat would cast), one head call
+        runs = [list(run) for _, run in itertools.groupby(crops, key=lambda x: (x.shape, x.dtype))]
         h = torch.cat([self._backbone(rearrange(r, "v b ... -> (v b) ...")) for r in runs])  # (V·B, D_in)
         return F.normalize(self.projection_head(h), dim=1)
 
