@@ -35,13 +35,9 @@ def _check_features(x, dim: int, what: str, dtype: torch.dtype) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what} expects features of shape (B, {dim}), got {shape}")
-    if x.dtype != dtype:  # autocast casts every float but float64 (torch < 2.4 cannot say: let torch judge)
-        try:
-            cast = torch.is_autocast_enabled(x.device.type)
-        except TypeError:
-            cast = True
-        if not (cast and x.is_floating_point() and torch.float64 not in (x.dtype, dtype)):
-            raise ValueError(f"{what} expects {dtype} features (under autocast: not float64), got {x.dtype}")
+    autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point()  # it casts all but float64
+    if x.dtype != dtype and not (autocast and torch.float64 not in (x.dtype, dtype)):
+        raise ValueError(f"{what} expects {dtype} features (under autocast: not float64), got {x.dtype}")
 
 
 class SwaVProjectionHead(nn.Module):
