@@ -107,7 +107,7 @@ class SwaVLoss(nn.Module):
         for name, z in _named(high, low):  # a float16 score's gradient must fit float16
             if top > torch.finfo(z.dtype).max:
                 raise ValueError(f"SwaVLoss: temperature={self.temperature} gives gradients up to {top:.3g} for "
-                                 f"{name}, beyond {z.dtype}'s {torch.finfo(z.dtype).max:.3g}: raise it or use float32")
+                                 f"{name}, beyond {z.dtype}'s range: raise it or use float32 scores")
         dtype = torch.float64 if any(z.dtype == torch.float64 for z in crops) else torch.float32
         with torch.autocast(crops[0].device.type, enabled=False):
             codes = [self._codes(i, z, queue) for i, z in enumerate(high)]  # n_high × (B, K)
@@ -130,16 +130,15 @@ class SwaVLoss(nn.Module):
             raise ValueError(f"SwaVLoss: codes of {names}: {error}") from error
 
     def _non_finite_message(self, heads) -> str:
-        predictors = [(h, name, z) for h, (high, low, _) in enumerate(heads)
+        predictors = [(f"{name}[{h}]" if len(heads) > 1 else name, z) for h, (high, low, _) in enumerate(heads)
                       for name, z in _named(high, low) if not (name.startswith("high") and len(high) == 1)]
-        for h, name, z in predictors:
-            if not bool(torch.isfinite(z).all()):
-                where = f"{name}[{h}]" if len(heads) > 1 else name
-                return (f"SwaVLoss: {where} must be finite: its NaN or ±inf scores make the loss "
-                        "non-finite (-inf is accepted only for computing codes, not as a prediction)")
-        biggest = max(z.abs().max().item() for _, _, z in predictors)
-        return f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by " \
-               f"temperature={self.temperature} overflow"
+        bad = [name for name, z in predictors if not bool(torch.isfinite(z).all())]
+        if bad:
+            return (f"SwaVLoss: {bad[0]} must be finite: its NaN or ±inf scores make the loss non-finite "
+                    "(-inf is accepted only for computing codes, not as a prediction)")
+        biggest = max(z.abs().max().item() for _, z in predictors)
+        return (f"SwaVLoss: the loss is not finite: scores up to {biggest:.3g} divided by "
+                f"temperature={self.temperature} overflow")
 
 
 def _named(high: Crops, low: Crops):
@@ -166,14 +165,16 @@ def _split_heads(high, low, queue):
     if n_heads == 0:
         raise ValueError("high_resolution_outputs[0] must hold at least one prototype head, got an empty list")
     named, heads = _named(high, low), n_heads if multi_head else 0
+    queue_named = [(f"queue_outputs[{i}]", x) for i, x in enumerate(queue or [])]
     per_head = []
     for h in range(n_heads):  # the queues' tensors are checked by sinkhorn, which names them
         crops = [_head(x, h, name, heads) for name, x in named]
-        queues = None if queue is None else [_head(x, h, f"queue_outputs[{i}]", heads) for i, x in enumerate(queue)]
+        queues = [_head(x, h, name, heads) for name, x in queue_named] if queue is not None else None
         for (name, _), z in zip(named, crops):
             if z.shape != crops[0].shape:
-                raise ValueError(f"all crops must have the same shape (B, K): {named[0][0]} is {tuple(crops[0].shape)} "
-                                 f"but {name} is {tuple(z.shape)}" + (f" (head {h})" if multi_head else ""))
+                raise ValueError(f"all crops must have the same shape (B, K): {named[0][0]} is "
+                                 f"{tuple(crops[0].shape)} but {name} is {tuple(z.shape)}"
+                                 + (f" (head {h})" if multi_head else ""))
         per_head.append((crops[: len(high)], crops[len(high):], queues))
     return per_head
 
