@@ -11,24 +11,22 @@ __all__ = ["SwaVProjectionHead", "SwaVPrototypes"]
 def _int(name: str, value, low: int) -> int:
     """``value`` as an int >= ``low``: an int, NumPy integer or 0-dim integer tensor, not a bool."""
     try:
-        number = None if isinstance(value, bool) else operator.index(value)
+        if not isinstance(value, bool) and operator.index(value) >= low:
+            return operator.index(value)
     except TypeError:
-        number = None
-    if number is None or number < low:
-        raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
-    return number
+        pass
+    raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
 
 
 def _flag(name: str, value) -> bool:
     """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
     np_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
     try:
-        number = bool(value) if isinstance(value, bool) or np_bool else operator.index(value)
+        if isinstance(value, bool) or np_bool or operator.index(value) in (0, 1):
+            return bool(value)
     except TypeError:
-        number = None
-    if number not in (0, 1):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(number)
+        pass
+    raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_features(x, dim: int, what: str, dtype: torch.dtype) -> None:
@@ -59,8 +57,7 @@ class SwaVProjectionHead(nn.Module):
 
     def __init__(self, input_dim: int = 2048, hidden_dim: int = 2048, output_dim: int = 128):
         super().__init__()
-        self.input_dim = _int("input_dim", input_dim, 1)
-        self.hidden_dim = _int("hidden_dim", hidden_dim, 1)
+        self.input_dim, self.hidden_dim = _int("input_dim", input_dim, 1), _int("hidden_dim", hidden_dim, 1)
         self.output_dim = _int("output_dim", output_dim, 1)
         self.layers = nn.Sequential(  # keys layers.0.*, layers.1.*, layers.3.*: lightly's and fmcib's
             nn.Linear(self.input_dim, self.hidden_dim, bias=False), nn.BatchNorm1d(self.hidden_dim),
@@ -79,11 +76,9 @@ class SwaVPrototypes(nn.Module):
     """Prototype scores ``S = Z Cᵀ (+ b)`` of codes Z against K trainable prototypes C (§3.1).
 
     With L2-normalised Z and C (call :meth:`normalize` before each step) the scores are cosine similarities.
-
-    Freezing (appendix A): while ``step < n_steps_frozen_prototypes`` (``step`` required while training) the
-    forward is unchanged (DDP's default wants a gradient for every parameter), but the prototypes' ``.grad``
-    is set to None after backward and DDP's write-back, as FAIR's loop does, so the optimizer skips them (a
-    zero gradient would not: momentum, Adam's L2 term). ``requires_grad`` is never toggled.
+    Freezing (appendix A): while ``step < n_steps_frozen_prototypes`` (needed while training) the prototypes'
+    ``.grad`` is set to None after backward and DDP's write-back, as in FAIR's loop, so the optimizer skips
+    them (a zero gradient would not: momentum, Adam's L2); forward and ``requires_grad`` stay, as DDP needs.
 
     Args:
         input_dim: code dim D. Default: 128
@@ -138,10 +133,8 @@ class SwaVPrototypes(nn.Module):
 
     @torch.no_grad()
     def normalize(self) -> None:
-        """L2-normalise every prototype (each row of each head's weight) in place; a zero row stays zero.
-
-        Rows already at unit norm (float64 norm within the dtype's eps) are left untouched: the call is
-        exactly idempotent, so frozen prototypes stay bit-identical although SwaV normalises every step."""
+        """L2-normalise each prototype (weight row) in place; a zero row stays zero, one at unit norm (within
+        its dtype's eps) is untouched: frozen prototypes stay bit-identical though normalised every step."""
         for head in self.heads:
             w = head.weight  # (K, D)
             norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float64)  # (K, 1)

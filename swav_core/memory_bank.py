@@ -12,15 +12,11 @@ __all__ = ["MemoryBankModule"]
 class MemoryBankModule(nn.Module):
     """FIFO queue of the last ``length`` feature vectors, stored as a ring buffer.
 
-    A push writes at the pointer and wraps around the end, O(B) whatever the length, overwriting only
-    the oldest rows; a batch longer than the queue leaves its last ``length`` rows. Empty slots hold 0.
-    A row with NaN or ±inf (after the cast) is not stored and costs no host sync: its slot keeps what it
-    held (the oldest row, one cycle more; before full, a zero row, counted as filled).
-
-    lightly's attributes: ``bank``, the (length, D) storage itself ((length, 0) until an int ``size``
-    sees a batch), and ``bank_ptr``, the next write position, a read-only (1,) long tensor refilled by
-    every push. Neither is a buffer, so DDP's broadcast cannot copy rank 0's queue onto the other ranks;
-    ``state_dict()`` saves both and ``bank_filled`` (lightly's state, without them, loads empty).
+    A push writes at the pointer in O(B) whatever the length; a batch longer than the queue leaves its last
+    ``length`` rows. A row with NaN or ±inf (after the cast) is skipped without a host sync: its slot keeps
+    its row (the oldest; before full, a zero row, counted as filled). lightly's ``bank`` (storage, (length, 0)
+    until D is known) and ``bank_ptr`` (next slot, read-only (1,) long) are not buffers, so DDP cannot
+    broadcast rank 0's queue; ``state_dict()`` saves them and ``bank_filled`` (lightly's state loads empty).
 
     Args:
         size: queue length (D taken from the first batch), or ``(length, D)``; 0 disables it. Default: 65536
@@ -28,8 +24,7 @@ class MemoryBankModule(nn.Module):
         feature_dim_first: ``forward`` returns the bank as (D, length), not (length, D). Default: True
 
     Shape:
-        push(x): x (B, D).  features(): (num_filled, D).  bank: (length, D).
-        forward(output): output (B, D) → (output, bank), bank (D, length) or (length, D).
+        push(x), forward(x) → (x, bank): x (B, D).  features(): (num_filled, D).  bank: (length, D).
 
     Example:
         >>> queue = MemoryBankModule(size=(3840, 128))
@@ -171,12 +166,11 @@ def _flag(name: str, value) -> bool:
     """True / False or 1 / 0 (NumPy's bool has no __index__; or a 0-dim tensor); a truthy "no" is refused."""
     numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
     try:
-        number = bool(value) if isinstance(value, bool) or numpy_bool else operator.index(value)
+        if isinstance(value, bool) or numpy_bool or operator.index(value) in (0, 1):
+            return bool(value)
     except TypeError:
-        number = None
-    if number not in (0, 1):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(number)
+        pass
+    raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:

@@ -31,12 +31,11 @@ class SwaV(nn.Module):
         start_queue_at_epoch: queue scores are returned only from this epoch on. Default: 0
         n_steps_frozen_prototypes: optimisation steps during which the prototypes do not train. Default: 0
         prototype_bias: prototypes with a bias, as lightly >= 1.2.31 and fmcib. Default: False
-        group_crops_by_resolution: FAIR's multi-crop forward: the backbone runs once per run of
-            consecutive crops of one shape and dtype, the projection head once on all crops. Default: False
+        group_crops_by_resolution: one backbone call per run of same-shape crops, as FAIR. Default: False
 
     Shape:
-        forward(((x_1..x_V1), (x'_1..x'_V2)), epoch, step) → (high: V1 × (B, K), low: V2 × (B, K),
-        queue: V1 × (queue_length, K) or None); with several heads every (·, K) is a list over heads.
+        forward((high-res crops, low-res crops), epoch, step), crops (B, C, *spatial) → (high: V1 × (B, K),
+        low: V2 × (B, K), queue: V1 × (queue_length, K) or None); several heads: (·, K) → a list over heads.
 
     Example:
         >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
@@ -71,12 +70,7 @@ class SwaV(nn.Module):
     def forward(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
                 epoch: Optional[int] = None, step: Optional[int] = None,
                 ) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
-        """Prototype scores of every crop, and of the full queues: ``(high, low, queue_or_None)``.
-
-        ``input`` is (high-resolution crops, low-resolution crops), lists of (B, C, *spatial); ``step``
-        (the optimisation step) drives prototype freezing, ``epoch`` the queue's start. This step's
-        high-resolution features are pushed after their queues are scored.
-        """
+        """Scores ``(high, low, queue)``; ``step`` drives prototype freezing, ``epoch`` the queue's start."""
         high, low, epoch = self._check_input(input, epoch, step)  # before any state changes
         n_crops, n_high = len(high) + len(low), len(high)
         self.prototypes.normalize()
@@ -157,22 +151,20 @@ def _per_crop(scores: Scores, n_crops: int) -> List[Scores]:
 def _int(name: str, value, low: int) -> int:
     """``value`` as an int >= ``low``: an int, NumPy integer or integer tensor, not a bool."""
     try:
-        number = None if isinstance(value, bool) else operator.index(value)
+        if not isinstance(value, bool) and operator.index(value) >= low:
+            return operator.index(value)
     except TypeError:
-        number = None
-    if number is None or number < low:
-        kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return number
+        pass
+    kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def _flag(name: str, value) -> bool:
     """True / False or 1 / 0 (NumPy's bool has no __index__; or a 0-dim tensor); a truthy "no" is refused."""
     numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
     try:
-        number = bool(value) if isinstance(value, bool) or numpy_bool else operator.index(value)
+        if isinstance(value, bool) or numpy_bool or operator.index(value) in (0, 1):
+            return bool(value)
     except TypeError:
-        number = None
-    if number not in (0, 1):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(number)
+        pass
+    raise ValueError(f"{name} must be a bool, got {value!r}")

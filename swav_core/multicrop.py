@@ -1,5 +1,4 @@
-"""Batched multi-crop augmentation (SwAV §3.2) for 2D images and 3D volumes, in pure torch: one
-``F.grid_sample`` call per crop for the whole batch, no Python loop over samples."""
+"""Batched multi-crop (SwAV §3.2), 2D and 3D: one ``F.grid_sample`` call per crop for the whole batch."""
 import math
 import numbers
 import operator
@@ -62,12 +61,11 @@ def _size(name: str, size: Size) -> Tuple[int, ...]:
 class MultiCrop:
     r"""Random resized crops at two resolutions, random flips and intensity jitter, batched.
 
-    Per crop, every sample draws: a scale :math:`s \sim U(lo, hi)`, the fraction of the input's area (2D) or
-    volume (3D) covered, as torchvision's ``RandomResizedCrop`` (the crop takes the output's aspect, clipped
-    to the largest that fits), or with ``scale_per_side`` of every side, as monai's ``RandScaleCrop`` (fmcib);
-    a centre uniform over the positions inside the input; a flip along each axis with probability 1/2; a
-    jitter :math:`a x + b`, :math:`a \sim U(1 - i, 1 + i)`, :math:`b \sim U(-i, i)`. Resampling is bilinear
-    with border padding (a convex combination of input values); a (1, 1) scale at the input's size is exact.
+    Per crop and sample: a scale :math:`s \sim U(lo, hi)`, the fraction of the area (2D) or volume (3D), as
+    torchvision's ``RandomResizedCrop`` (at the output's aspect, clipped to fit), or with ``scale_per_side``
+    of every side, as monai's ``RandScaleCrop`` (fmcib); a centre uniform inside the input; a flip per axis
+    with p = 1/2; a jitter :math:`a x + b`, :math:`a - 1, b \sim U(-i, i)`. Resampling is bilinear with border
+    padding (convex combinations of inputs); scale (1, 1) at the input's size is exact.
 
     Args:
         high_size: size of the high-resolution crops, an int (square / cube) or one int per spatial axis.
@@ -82,9 +80,8 @@ class MultiCrop:
 
     Shape:
         input: (B, C, H, W) or (B, C, D, H, W) (a size tuple fixes which), floating point, any device.
-        output: ``n_high`` tensors (B, C, *high_size) and ``n_low`` (B, C, *low_size), in the input's dtype
-        and device (half precision is cropped in float32). Randomness: ``generator``, drawn on its device (a
-        CPU generator drives a CUDA batch reproducibly), else the batch device's default generator.
+        output: ``n_high`` (B, C, *high_size) and ``n_low`` (B, C, *low_size) in the input's dtype and device
+        (16-bit: cropped in float32). ``generator`` draws on its device: a CPU one drives CUDA reproducibly.
 
     Example:
         >>> crops = MultiCrop(32, 16, n_high=2, n_low=4)
@@ -97,8 +94,7 @@ class MultiCrop:
                  high_scale: Sequence[float] = (0.14, 1.0), low_scale: Sequence[float] = (0.05, 0.14),
                  flip: bool = True, intensity: float = 0.0, scale_per_side: bool = False):
         self.high_size, self.low_size = _size("high_size", high_size), _size("low_size", low_size)
-        self.n_high = _count("n_high", n_high, 1)  # SwAV needs a high-resolution crop
-        self.n_low = _count("n_low", n_low, 0)
+        self.n_high, self.n_low = _count("n_high", n_high, 1), _count("n_low", n_low, 0)
         if self.n_high + self.n_low < 2:
             raise ValueError(f"need at least 2 crops in total, got n_high={self.n_high}, n_low={self.n_low}")
         if not (isinstance(intensity, (int, float)) and 0.0 <= intensity < 1.0):
@@ -137,8 +133,7 @@ class MultiCrop:
                              f"got shape {tuple(x.shape)} of dtype {x.dtype}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
-        # Narrow dtypes are cropped in float32, then cast back. The jitter reaches (1 + i)|x| + i: a batch
-        # that could overflow is refused, whatever the draws (float32/64: |x| > 1.7e38, unchecked, no sync).
+        # The jitter reaches (1 + i)|x| + i: refuse 16-bit batches that may overflow (wider ones: unchecked).
         if self.intensity > 0 and x.element_size() < 4:
             i, (lo, hi) = self.intensity, torch.stack(torch.aminmax(x.detach())).tolist()
             limit = (torch.finfo(x.dtype).max - i) / (1 + i)
@@ -152,9 +147,8 @@ class MultiCrop:
 
     def _crop(self, x: torch.Tensor, size: Tuple[int, ...], scale: Tuple[float, float],
               generator: Optional[torch.Generator]) -> torch.Tensor:
-        """One crop of every sample by one ``grid_sample``: per sample a diagonal affine map output → input,
-        in normalised coordinates ([-1, 1] spans input axis i, of n_i pixels) t ↦ (e_i / n_i) · t + c_i for a
-        crop of e_i pixels, |c_i| ≤ 1 − e_i / n_i; a flip negates the scale."""
+        """Per sample, in normalised coordinates ([-1, 1] spans input axis i, n_i pixels) a crop of e_i pixels
+        maps output → input by t ↦ (e_i / n_i) · t + c_i, |c_i| ≤ 1 − e_i / n_i; a flip negates the scale."""
         B, d, n_in = x.shape[0], x.ndim - 2, tuple(x.shape[2:])  # n_in: (H, W) or (D, H, W)
         n_out, per_sample = size * d if len(size) == 1 else size, (B,) + (1,) * (d + 1)
         gdev = generator.device if generator is not None else x.device  # drawn there, then moved
