@@ -83,11 +83,8 @@ def sinkhorn(
 
 
 def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype):
-    """E = exp((S − m_col − m_row)/ε) in one (B + N, K) buffer, and m_row/2 (B + N,).
-
-    The scores are halved before the shifts (exactly), so that no difference of finite scores
-    overflows; ``scale`` is 2/ε. Without ``shift_prototypes`` m_col is 0 (a plain softmax).
-    """
+    """E = exp((S − m_col − m_row)/ε) in one (B + N, K) buffer, and m_row/2 (B + N,). The scores are
+    halved first (exactly), so no difference of finite scores overflows; ``scale`` = 2/ε; no m_col: softmax."""
     zeros = blocks[0].new_zeros(blocks[0].shape[1], dtype=dtype)  # (K,): the sum is taken in ``dtype``
     shift = _column_max(blocks, gather, dtype).mul_(-0.5) if shift_prototypes else zeros  # (K,) −m_col/2
     e = blocks[0].new_empty((sum(len(b) for b in blocks), blocks[0].shape[1]), dtype=dtype)
@@ -99,10 +96,8 @@ def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dty
 
 
 def _scaling_vectors(e, u, iterations: int, gather: bool):
-    """v (K,) after ``iterations`` rounds from u₀, and the smallest v met (0-dim).
-
-    v is scaled to max 1 and clamped at tiny^0.8, so that E v ≥ tiny^0.8 and u stay finite.
-    """
+    """v (K,) after ``iterations`` rounds from u₀, and the smallest v met (0-dim); v is scaled to max 1
+    and clamped at tiny^0.8, so that E v ≥ tiny^0.8 and u stay finite."""
     floor = torch.finfo(e.dtype).tiny ** 0.8
     v_mins = []
     for t in range(iterations):
