@@ -1,5 +1,9 @@
 """Checkpoints of the job: what they hold, how they are written, and the checks made on resume.
 
+Every file of a run is written by :func:`write_atomic` (a temporary file, fsynced, renamed, the folder
+fsynced): a kill or a full disk leaves the previous file whole. :func:`save` never writes a NaN or inf;
+:func:`load` checks every field before the job touches the folder; :func:`lock` keeps a second job out.
+
 ``checkpoint.pt`` is a dict:
 
 - ``model``: the SwaV state_dict of rank 0 (queues and their counters included);
@@ -20,20 +24,22 @@ It holds only tensors, containers and plain values, so :func:`load` reads it wit
 """
 import argparse
 import contextlib
+import math
 import os
-from typing import Any, Dict, List
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
-from .data import SYNTHETIC, UsageError
+from .data import SYNTHETIC, JobError, UsageError
 
-__all__ = ["save", "load", "gather", "normalised", "resumed_options", "save_backbone", "rng_state",
-           "set_rng_state"]
+__all__ = ["save", "load", "problem", "first_non_finite", "write_atomic", "lock", "clear", "RUN_FILES", "gather",
+           "normalised", "resumed_options", "save_backbone", "rng_state", "set_rng_state"]
 
 # Options that may differ between a run and its resumption; any other difference is an error.
-RUN_ONLY = {"out", "steps", "stop_at", "resume", "device", "amp", "log_every", "ckpt_every", "knn_k", "workers", "plot"}
+RUN_ONLY = {"out", "steps", "stop_at", "resume", "overwrite", "device", "amp", "log_every", "ckpt_every", "knn_k",
+            "workers", "plot", "dist_timeout"}
 
 
 def gather(obj: Any) -> List[Any]:
@@ -74,17 +80,76 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: str, ckpt: Dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated ``checkpoint.pt``."""
+def first_non_finite(obj: Any, name: str = "") -> Optional[str]:
+    """The dotted name of the first float tensor (or float) in the nest ``obj`` holding NaN or ±inf,
+    e.g. ``model.backbone.features.1.running_var``; None when all are finite. One pass over the values."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif isinstance(obj, torch.Tensor) and (obj.is_floating_point() or obj.is_complex()):
+        return None if bool(torch.isfinite(obj).all()) else name
+    else:
+        return name if isinstance(obj, float) and not math.isfinite(obj) else None
+    for key, value in items:
+        bad = first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if bad is not None:
+            return bad
+    return None
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Durably replace ``path`` by what ``write(file)`` writes: a temporary ``path.tmp``, flushed and
+    fsynced, renamed over ``path``, then the folder fsynced. A crash or kill at any point leaves the old
+    or the new file whole; on any error the temporary file is removed. An ``OSError`` (a full disk) is
+    a :class:`JobError` naming the path."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise JobError(f"cannot write {path}: {e.strerror or e}; the file there is unchanged") from e
+        raise
+    _fsync_folder(os.path.dirname(path) or ".")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where folders can be opened: not on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(path: str, ckpt: Dict[str, Any]) -> None:
+    """Write ``ckpt`` with :func:`write_atomic`, after checking that it holds no NaN or ±inf: a
+    non-finite state is a :class:`JobError` naming the first such tensor, and the file is not touched."""
+    bad = first_non_finite(ckpt)
+    if bad is not None:
+        at = f"after step {ckpt['step']}: " if "step" in ckpt else ""
+        raise JobError(f"{at}{bad} holds NaN or inf; {path} not written, the last good one is kept "
+                       f"(lower --lr or raise --epsilon, then --resume)")
+    write_atomic(path, lambda f: torch.save(ckpt, f))
 
 
 def load(path: str) -> Dict[str, Any]:
-    """Read ``path`` on the CPU; a missing or unreadable file is a :class:`UsageError` naming it."""
+    """Read ``path`` on the CPU and check every field this job reads (:func:`problem`): a missing,
+    unreadable or invalid checkpoint is a :class:`UsageError` naming it, raised before anything is written."""
     if not os.path.isfile(path):
-        raise UsageError(f"--resume: no checkpoint at {path}; run once without --resume first")
+        raise UsageError(f"--resume: no checkpoint at {path}; start a run without --resume (with --overwrite "
+                         f"if the folder holds an unfinished one)")
     # Older checkpoints hold the torch version as a TorchVersion, not a str (safe_globals: torch >= 2.5).
     allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())([TorchVersion])
     try:
@@ -93,10 +158,77 @@ def load(path: str) -> Dict[str, Any]:
     except Exception as e:
         raise UsageError(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}); "
                          f"expected a checkpoint.pt written by this job") from e
-    keys = {"model_per_rank", "optimizer", "step", "rng", "config", "world_size"}
-    if not isinstance(ckpt, dict) or not keys <= ckpt.keys():
-        raise UsageError(f"--resume: {path} is not a checkpoint of this job (expected a dict with {sorted(keys)})")
+    if not isinstance(ckpt, dict) or not KEYS <= ckpt.keys():
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UsageError(f"--resume: {path} is not a checkpoint of this job (expected a dict with {sorted(KEYS)}, "
+                         f"found {found})")
+    error = problem(ckpt)
+    if error is not None:
+        raise UsageError(f"--resume: {path} is damaged: {error}")
     return ckpt
+
+
+KEYS = {"model_per_rank", "optimizer", "step", "rng", "config", "world_size", "loss_window_per_rank",
+        "loss_first", "loss_last", "seconds"}
+
+
+def problem(ckpt: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with the fields of ``ckpt`` that do not need the model to check, or None. The model
+    and optimizer states are checked when loaded (queue pointers by ``MemoryBankModule``)."""
+    step, world = ckpt["step"], ckpt["world_size"]
+    if type(step) is not int or step < 0:
+        return f"step = {step!r}, expected an int >= 0"
+    if type(world) is not int or world < 1:
+        return f"world_size = {world!r}, expected an int >= 1"
+    for key in ("model_per_rank", "rng", "loss_window_per_rank"):
+        if not isinstance(ckpt[key], (list, tuple)) or len(ckpt[key]) != world:
+            return f"{key} is not a list of world_size = {world} entries"
+    if not isinstance(ckpt["config"], dict) or not all(isinstance(s, dict) for s in ckpt["model_per_rank"]):
+        return "config and model_per_rank must hold dicts"
+    for r, state in enumerate(ckpt["rng"]):
+        try:
+            torch.Generator().set_state(state["torch"])
+        except Exception:
+            return f"rng.{r}.torch is not a torch generator state"
+    bad = first_non_finite(ckpt)
+    return None if bad is None else f"{bad} holds NaN or inf"
+
+
+@contextlib.contextmanager
+def lock(folder: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` (``fcntl.flock``, POSIX) for the duration: a second job on the folder is a
+    :class:`UsageError` naming the holder's pid. The kernel releases the lock when its holder ends, even
+    by ``kill -9``, so a lock left by a dead process is simply taken over."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UsageError(f"--out {folder!r} is in use by another run (pid {holder}); wait for it to end, "
+                             f"or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
+
+
+RUN_FILES = ("checkpoint.pt", "log.csv", "metrics.json", "backbone.pt")
+
+
+def clear(folder: str, old_run: bool) -> None:
+    """Remove the temporary files a killed job left in ``folder``, and with ``old_run`` the files of
+    the run it held (:data:`RUN_FILES` and ``loss.png``: ``--overwrite``). Call it holding :func:`lock`."""
+    names = [n for n in os.listdir(folder) if n.endswith(".tmp")]
+    names += [n for n in RUN_FILES + ("loss.png",) if old_run and os.path.exists(os.path.join(folder, n))]
+    for name in names:
+        os.remove(os.path.join(folder, name))
 
 
 def normalised(option: str, value: Any) -> Any:
@@ -121,7 +253,8 @@ def resumed_options(saved: Dict[str, Any], args: argparse.Namespace, given: Dict
         raise UsageError(f"--resume with different options than the checkpoint: {lines}; leave them out to "
                          f"continue with the checkpoint's own")
     run_only = {k: v for k, v in given.items() if k in RUN_ONLY}
-    return argparse.Namespace(**{**vars(args), **saved, "out": args.out, "resume": True, "stop_at": None, **run_only})
+    fixed = {"out": args.out, "resume": True, "overwrite": False, "stop_at": None}
+    return argparse.Namespace(**{**vars(args), **saved, **fixed, **run_only})
 
 
 def save_backbone(path: str, backbone: torch.nn.Module) -> None:

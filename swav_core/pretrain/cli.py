@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 from .. import __version__
 from . import plot
-from .data import INPUT_RANGE, UsageError
+from .data import INPUT_RANGE, JobError, UsageError
 from .train import run
 
 __all__ = ["build_parser", "main"]
@@ -16,10 +16,11 @@ DESCRIPTION = """\
 Pretrain a small CNN with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate its
 frozen features by k-NN against the same network at random initialisation.
 
-Writes to --out: checkpoint.pt (every --ckpt-every steps, at the end, at --stop-at and on
-Ctrl-C), log.csv (one row per logged step: the mean loss since the previous row), and at the end
-metrics.json, backbone.pt (the backbone's state_dict) and loss.png (with matplotlib:
-pip install -e ".[plot]"). --resume continues with the checkpoint's own options. Run it under
+Writes to --out (one job at a time; a folder holding a run needs --resume or --overwrite):
+checkpoint.pt (every --ckpt-every steps, at the end, at --stop-at and on Ctrl-C or SIGTERM;
+never with a NaN or inf in it), log.csv (one row per logged step: the mean loss since the
+previous row), and at the end metrics.json, backbone.pt (the backbone's state_dict) and loss.png
+(with matplotlib: pip install -e ".[plot]"). --resume continues with the checkpoint's own options. Run it under
 `torchrun --nproc_per_node N -m swav_core.pretrain ...` for DistributedDataParallel.
 
 {input_range}
@@ -65,14 +66,23 @@ def _int_at_least(lo: int, why: str = ""):
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+def _finite_float(accept, expected: str):
+    """An argparse type: a finite float for which ``accept(value)`` holds; the error says ``expected``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"expected a finite number {expected}, got {text!r}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+_positive_float = _finite_float(lambda v: v > 0, "> 0")
+_non_negative_float = _finite_float(lambda v: v >= 0, ">= 0")
+_unit_interval = _finite_float(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _scale(text: str) -> Tuple[float, float]:
@@ -121,6 +131,10 @@ def _run_options(group) -> None:
                        help="seed of the data, the initialisation, every crop and torch's global RNG (per rank)")
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass and loss")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --out that holds a run, deleting its checkpoint.pt, log.csv, "
+                            "metrics.json, backbone.pt and loss.png (without it, and without --resume, such a "
+                            "folder is refused)")
     group.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.pt with its options; only --steps, --device, --amp, "
                             "--stop-at, --workers, --log-every, --ckpt-every and --knn-k may change")
@@ -128,10 +142,14 @@ def _run_options(group) -> None:
                        help="stop after step K and save a checkpoint, exactly as an interruption would")
     group.add_argument("--log-every", type=_positive, default=25, help="steps between progress lines / log rows")
     group.add_argument("--ckpt-every", type=_positive, default=100, help="steps between checkpoints")
+    group.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
+                       help="under torchrun: a process that waits this long for another (stalled or dead) stops "
+                            "with an error, keeping the last checkpoint")
 
 
 def _swav_options(group) -> None:
-    group.add_argument("--prototypes", type=_positive, default=48, help="number of prototypes K")
+    group.add_argument("--prototypes", type=_int_at_least(2, " (one prototype makes the loss 0)"), default=48,
+                       help="number of prototypes K")
     group.add_argument("--out-dim", type=_positive, default=32, help="projection dimension D")
     group.add_argument("--queue-length", type=_non_negative, default=256,
                        help="rows of each high-resolution crop's feature queue; 0 disables the queue")
@@ -155,11 +173,11 @@ def _crop_options(group) -> None:
                        help="area/volume fraction LO,HI of high-res crops")
     group.add_argument("--low-scale", type=_scale, default=(0.08, 0.3),
                        help="area/volume fraction LO,HI of low-res crops")
-    group.add_argument("--intensity", type=float, default=0.2,
+    group.add_argument("--intensity", type=_unit_interval, default=0.2,
                        help="intensity jitter a*x+b, a in 1±i, b in ±i, for inputs on a unit scale (see Input range)")
     group.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW, or SGD with momentum 0.9")
-    group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
-    group.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    group.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    group.add_argument("--weight-decay", type=_non_negative_float, default=1e-4, help="weight decay")
     group.add_argument("--warmup-steps", type=_non_negative, default=20,
                        help="linear warm-up steps, at most half of --steps (a shorter run warms up for "
                             "steps // 2, so its lr still decays)")
@@ -176,7 +194,9 @@ def _crop_options(group) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the job, return the process exit code.
 
-    Bad input (:class:`UsageError`) exits with argparse's ``error:`` line and code 2.
+    Bad input (:class:`UsageError`) exits with argparse's ``error:`` line and code 2; a run that cannot
+    go on (:class:`JobError`) or is stopped at once by a second signal prints one ``error:`` line too
+    and returns 1, or 130 after a signal.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -186,6 +206,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(args, given=_given(parser, argv, vars(args)))
     except UsageError as e:
         parser.error(str(e))
+    except JobError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return e.code
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the job's handlers were installed
+        print(f"{parser.prog}: error: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr, flush=True)
+        return 130
 
 
 def _given(parser: argparse.ArgumentParser, argv: Optional[List[str]], dests) -> dict:

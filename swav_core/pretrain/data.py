@@ -1,6 +1,6 @@
 """The job's data: the usage error, the embedded synthetic sets, a folder of arrays, the batch order.
 
-:class:`UsageError` lives here, in the leaf module every other part of the job may import.
+:class:`UsageError` and :class:`JobError` live here, in the leaf module every other part of the job may import.
 
 Synthetic sets, deterministic from a seed, with class structure (labels only score the k-NN
 evaluation; pretraining never sees them): ``synthetic2d``, 8 shape classes at a random position,
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["UsageError", "Data", "load_data", "FolderDataset", "load_folder", "to_unit_float", "check_sample",
-           "INPUT_RANGE", "batch_indices", "batches", "derive_seed",
+__all__ = ["UsageError", "JobError", "Data", "load_data", "FolderDataset", "load_folder", "to_unit_float", "check_sample",
+           "INPUT_RANGE", "MAX_ABS", "batch_indices", "batches", "derive_seed",
            "synthetic2d", "synthetic3d", "CLASSES_2D", "CLASSES_3D"]
 
 CLASSES_2D = ("disc", "ring", "square", "triangle", "plus", "ellipse", "frame", "star")
@@ -39,6 +39,16 @@ class UsageError(ValueError):
     """Bad input to the job (an option, the data, the checkpoint): the command line reports it as
     argparse does, one ``error:`` line and exit code 2, instead of a traceback. Messages name the
     option and value."""
+
+
+class JobError(RuntimeError):
+    """A run that cannot go on (non-finite state, a full disk, a stalled process, an abort): the command
+    line reports it as one ``error:`` line with exit code ``code`` (1; 130 after a signal). The
+    checkpoint already on disk is kept."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -107,7 +117,9 @@ def _read(path: str, peek: bool = False) -> torch.Tensor:
     return x
 
 
-# Integer samples are scaled by their type's maximum; see INPUT_RANGE.
+# Integer samples are scaled by their type's maximum; see INPUT_RANGE. Float samples must be finite and
+# within ±MAX_ABS: far off the unit scale, and float32 statistics (x² in BatchNorm) overflow soon after.
+MAX_ABS = 1e6
 UNIT_SCALE = {torch.bool: 1.0, torch.uint8: 255.0, torch.uint16: 65535.0}
 INPUT_RANGE = ("the crops' intensity jitter assumes values on a unit scale, about [0, 1]: float files are used "
                "as they are (normalise them yourself), uint8/uint16 files are divided by 255/65535, bool files "
@@ -121,21 +133,28 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_sample(x: torch.Tensor, path: str) -> None:
-    """One sample's rank and dtype; a :class:`UsageError` naming the file otherwise."""
+    """One sample's rank, dtype and, unless ``x`` is a meta tensor, values (finite, within ±:data:`MAX_ABS`);
+    a :class:`UsageError` naming the file otherwise."""
     if x.ndim not in (3, 4):
         raise UsageError(f"--data: {path} has shape {tuple(x.shape)}; expected one sample (C, H, W) or (C, D, H, W)")
     if not (x.dtype.is_floating_point or x.dtype in UNIT_SCALE):
         raise UsageError(f"--data: {path} holds {str(x.dtype).replace('torch.', '')} values; expected float, uint8, "
                          f"uint16 or bool samples. Signed data such as CT in HU has no fixed unit range: window "
                          f"it yourself, e.g. ((x.clamp(-1000, 1000) + 1000) / 2000).float(), and save that")
+    if x.dtype.is_floating_point and not x.is_meta:
+        bad = ~(torch.isfinite(x) & (x.abs() <= MAX_ABS))  # isfinite too: float16 rounds 1e6 to inf
+        if bad.any():
+            raise UsageError(f"--data: {path} holds {int(bad.sum())} value(s) that are NaN, ±inf or beyond "
+                             f"±{MAX_ABS:g} (the first: {x[bad][0].item()}); expected finite values on a unit scale")
 
 
 class FolderDataset(Dataset):
     """A folder of ``.pt`` / ``.npy`` files, one sample per file, read lazily: sample ``i`` is the
     ``i``-th file in sorted name order, (C, H, W) or (C, D, H, W) as float32 (:func:`to_unit_float`).
 
-    The constructor maps every file once for its shape and dtype, reading no values, so a bad file
-    is refused before training and memory holds the file names only. ``shape`` is (N, C, *spatial).
+    The constructor reads every file once, one at a time (float values are checked, integer files
+    are only mapped for their shape and dtype), so a bad file is refused before training and memory
+    holds the file names only. ``shape`` is (N, C, *spatial).
     """
 
     def __init__(self, path: str):
@@ -148,6 +167,8 @@ class FolderDataset(Dataset):
         first: Dict[tuple, str] = {}  # shape -> the first file of that shape
         for name, file in zip(names, self.files):
             x = _read(file, peek=True)
+            if x.dtype.is_floating_point and x.is_meta:  # a .npy: numpy's memory map, read the values
+                x = _read(file)
             check_sample(x, file)
             first.setdefault(tuple(x.shape), name)
             if len(first) > 1:

@@ -1,11 +1,12 @@
 """What the job prints and writes besides checkpoints: progress lines, ``log.csv``, ``metrics.json``."""
 import csv
+import io
 import json
 import os
 from typing import Any, Dict, List, Optional
 
-__all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "reset_log",
-           "append_log", "write_metrics"]
+__all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "kept_log",
+           "append_log", "metrics_text"]
 
 LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed")
 
@@ -50,25 +51,27 @@ def read_log(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def reset_log(path: str, keep_until_step: int) -> None:
-    """Start ``log.csv`` afresh, keeping the rows of steps ≤ ``keep_until_step`` (those a resume keeps)."""
+def kept_log(path: str, keep_until_step: int) -> str:
+    """The text of a fresh ``log.csv`` holding the rows of ``path`` for steps ≤ ``keep_until_step`` (those
+    a resume keeps; none for a new run), for an atomic rewrite. A row cut short by a kill is dropped."""
     rows = []
     if keep_until_step > 0 and os.path.isfile(path):
-        rows = [r for r in read_log(path) if int(r["step"]) <= keep_until_step]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+        rows = [r for r in read_log(path) if None not in r.values() and int(r["step"]) <= keep_until_step]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def append_log(path: str, row: Dict[str, Any]) -> None:
+    """Append one row and fsync it: a checkpoint written later never refers to a row a crash lost."""
     with open(path, "a", newline="") as f:
         csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def write_metrics(path: str, metrics: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def metrics_text(metrics: Dict[str, Any]) -> str:
+    """``metrics.json``'s text (sorted keys, indented)."""
+    return json.dumps(metrics, indent=2, sort_keys=True) + "\n"

@@ -1,14 +1,17 @@
 """The pretraining loop: the backbone, set-up (single process or torchrun), steps, checkpoints, the
 learning-rate schedule, stop on a signal and resume."""
 import argparse
+import contextlib
 import copy
 import gc
 import math
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -18,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import MultiCrop, SwaV, SwaVLoss, __version__
 from . import checkpoint, plot, report
-from .data import SYNTHETIC, Data, UsageError, batches, derive_seed, load_data
+from .data import SYNTHETIC, Data, JobError, UsageError, batches, derive_seed, load_data
 from .evaluate import evaluate
 
 __all__ = ["run", "lr_at", "SmallCNN", "StopRequest", "rank", "world_size"]
@@ -99,15 +102,20 @@ class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step and save a checkpoint.
 
     A context manager installing the handlers (main thread only) and restoring the previous ones.
-    The first signal sets a flag the loop reads at the end of each step; a second one raises
-    ``KeyboardInterrupt`` at once. Under torchrun the flag is OR-reduced over ranks every step, so
-    all ranks stop after the same step and save one consistent checkpoint.
+    The first signal sets a flag the loop reads at the end of each step; under torchrun the flag is
+    OR-reduced over ranks every step, so all ranks stop after the same step and save one consistent
+    checkpoint. A second signal stops the job at once (a ``KeyboardInterrupt`` whose message names
+    ``saved``, the last step saved) — except with several processes: torchrun passes each signal it
+    receives on to the ranks, so a rank sees a terminal's Ctrl-C twice, and torchrun's own SIGKILL
+    (30 s later) is the abort. Once ``training_done`` is set, a signal stops the job at once: the
+    checkpoint holds every step, and ``--resume`` runs the final evaluation.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, path: str, saved: Optional[int], forwarded: bool = False):
+        self.path, self.saved, self.forwarded = path, saved, forwarded
+        self.requested = self.training_done = False
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
@@ -122,10 +130,19 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        _say(f"{signal.Signals(signum).name}: saving a checkpoint after this step (again to abort now)")
+        name = signal.Signals(signum).name
+        if self.training_done:
+            raise KeyboardInterrupt(f"{name} during the final evaluation: stopped; {self.path} holds all "
+                                    f"{self.saved} steps, --resume runs the evaluation")
+        if self.requested and not self.forwarded:
+            raise KeyboardInterrupt(f"{name} again: stopped at once; {self.last_saved()}")
+        if not self.requested:
+            self.requested = True
+            again = "" if self.forwarded else " (again to stop at once)"
+            _say(f"{name}: saving a checkpoint after this step{again}")
+
+    def last_saved(self) -> str:
+        return f"the last checkpoint is {self.path} at step {self.saved}" if self.saved else "no checkpoint saved"
 
     def requested_anywhere(self, device: torch.device) -> bool:
         """True when any rank received a signal (a collective: every rank must call it each step).
@@ -137,8 +154,13 @@ class StopRequest:
         return bool(_sum_over_ranks(torch.tensor([float(self.requested)], device=device)).item() > 0)
 
 
-def _setup_distributed(device_name: str):
-    """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA); return (device, owns_group)."""
+# What gloo raises when a peer does not answer within the group's timeout, or is gone.
+_PEER_LOST = re.compile(r"timed out[^\n]*|connection (closed|reset) by peer", re.IGNORECASE)
+
+
+def _setup_distributed(device_name: str, timeout_s: float):
+    """Join the torchrun group when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA), with collectives that
+    fail after ``timeout_s`` seconds without an answer; return (device, owns_group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else "cpu")
@@ -146,7 +168,7 @@ def _setup_distributed(device_name: str):
         torch.cuda.set_device(device)
     owns_group = world > 1 and not _distributed()
     if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return device, owns_group
 
 
@@ -183,6 +205,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a file, expected a folder (or a path to create one)")
+    held = [name for name in checkpoint.RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if held and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {args.out!r} holds a run ({', '.join(held)}): continue it with --resume, or "
+                         f"start afresh with another --out or with --overwrite (deletes it)")
 
 
 def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
@@ -190,17 +216,28 @@ def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
 
     ``given``: the options written on the command line (default: those of ``args`` that are not None).
     With ``--resume`` the others come from the checkpoint (:func:`~.checkpoint.resumed_options`).
+    A failure that ends the run is a :class:`JobError`; a signal that stops it at once a ``KeyboardInterrupt``.
     """
-    ckpt = checkpoint.load(os.path.join(args.out, "checkpoint.pt")) if args.resume else None
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = checkpoint.load(path) if args.resume else None
     if ckpt is not None:
         given = {k: v for k, v in vars(args).items() if v is not None} if given is None else given
         args = checkpoint.resumed_options(ckpt["config"], args, given)
     _check_args(args)
-    device, owns_group = _setup_distributed(args.device)
+    device, owns_group = _setup_distributed(args.device, args.dist_timeout)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    stop = StopRequest(path, ckpt["step"] if ckpt else None, forwarded=world_size() > 1)
     try:  # the job seeds torch's global RNG for itself; the caller's is restored afterwards
-        with StopRequest() as stop, torch.random.fork_rng(devices=cuda_devices):
+        with stop, torch.random.fork_rng(devices=cuda_devices):
             return _run(args, device, stop, ckpt)
+    except RuntimeError as e:  # gloo: "Timed out waiting 10000ms for recv ...", "Connection closed by peer"
+        lost = _PEER_LOST.search(str(e)) if world_size() > 1 else None
+        if lost is None and not (world_size() > 1 and isinstance(e, dist.DistError)):
+            raise
+        raise JobError(f"rank {rank()}: {lost[0] if lost else type(e).__name__} (--dist-timeout "
+                       f"{args.dist_timeout:g} s): another process stalled or died; {stop.last_saved()}") from None
     finally:
         if owns_group:
             # Free DDP's reducer (held in reference cycles) and its pending gloo work while the
@@ -245,6 +282,7 @@ def _check_data(args: argparse.Namespace, data: Data) -> None:
 
 
 def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
+    """Load the data, make ``--out`` and hold its lock (rank 0), then train."""
     data = load_data(args.data, args.seed, n_train=args.n_train, n_test=args.n_test)
     args = _with_data_defaults(args, data)
     _check_data(args, data)
@@ -252,6 +290,11 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {args.out!r}: cannot create the folder ({e.strerror})") from e
+    with checkpoint.lock(args.out) if rank() == 0 else contextlib.nullcontext():
+        return _train(args, data, device, stop, ckpt)
+
+
+def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
     paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
     config = {**vars(args), "data": checkpoint.normalised("data", args.data)}
     crops, model, optimizer, loss_fn = _build(args, data, device)
@@ -262,7 +305,7 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
     init_backbone = copy.deepcopy(model.backbone).cpu()  # the random-initialisation baseline
     progress = _resume(args, ckpt, paths["checkpoint.pt"], model, optimizer) if ckpt else _Progress()
     if rank() == 0:
-        report.reset_log(paths["log.csv"], progress.step)
+        _first_writes(args, paths["log.csv"], progress.step)
     net = DistributedDataParallel(model) if world_size() > 1 else model
     end = min(args.steps, args.stop_at or args.steps)
     _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {world_size()} process(es) on {device} | "
@@ -275,15 +318,28 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
             _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
         interrupted = stop.requested_anywhere(device)
         if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
-            _save(paths["checkpoint.pt"], model, optimizer, config, progress)
+            _save(paths["checkpoint.pt"], model, optimizer, config, progress, device)
+            stop.saved = progress.step
         if interrupted:
             _say(f"interrupted after step {progress.step}: saved {paths['checkpoint.pt']}; continue with --resume")
             return 130
     if end < args.steps:
         _say(f"stopped after step {end} (--stop-at): saved {paths['checkpoint.pt']}; continue with --resume")
         return 0
+    stop.training_done = True
+    if stop.requested_anywhere(device):  # a signal during the last save: that checkpoint holds every step
+        _say(f"interrupted after the last step: saved {paths['checkpoint.pt']}; --resume runs the final evaluation")
+        return 130
     _finish(args, config, data, model, init_backbone, crops, device, progress, paths["metrics.json"])
     return 0
+
+
+def _first_writes(args, log_path: str, step: int) -> None:
+    """With everything checked: remove what a killed job left (and the old run with ``--overwrite``),
+    then rewrite log.csv atomically, keeping a resumed run's rows up to ``step``."""
+    checkpoint.clear(args.out, old_run=args.overwrite)
+    text = report.kept_log(log_path, step)
+    checkpoint.write_atomic(log_path, lambda f: f.write(text.encode()))
 
 
 def _start_session(args, data: Data, progress: _Progress, end: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -303,12 +359,25 @@ def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
                          f"pass --steps {ckpt['step']} or more")
     if args.stop_at is not None and args.stop_at <= ckpt["step"]:
         raise UsageError(f"--stop-at {args.stop_at} but the checkpoint is already at step {ckpt['step']}")
-    model.load_state_dict(ckpt["model_per_rank"][rank()], strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    _load_states(ckpt, path, model, optimizer)
     checkpoint.set_rng_state(ckpt["rng"][rank()])
     _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
     window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
     return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], window)
+
+
+def _load_states(ckpt: Dict, path: str, model: nn.Module, optimizer) -> None:
+    """This rank's model and the optimizer state from ``ckpt``; a state that does not fit (a queue pointer
+    out of range, a missing key, a tensor of another shape) is a :class:`UsageError` naming it."""
+    try:
+        model.load_state_dict(ckpt["model_per_rank"][rank()], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {key} is {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UsageError(f"--resume: {path} does not fit this run: {' '.join(str(e).split())}") from None
 
 
 def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn, optimizer, device, progress) -> None:
@@ -322,17 +391,31 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     high, low = crops(x, generator=generator)
     epoch = step * args.batch_size * world_size() // n
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-        high_scores, low_scores, queue_scores = net((high, low), epoch=epoch, step=step)
-        loss = loss_fn(high_scores, low_scores, queue_scores)
+        loss = _loss(net, loss_fn, (high, low), epoch, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     value = loss.detach().item()
     if not math.isfinite(value):
-        raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr or raise --epsilon")
+        raise JobError(f"loss is {value} at step {step + 1}: {_DIVERGED}")
     progress.step = step + 1
     progress.seconds += time.perf_counter() - t0
     progress.window.append(value)
+
+
+_DIVERGED = "stopped, the last checkpoint is kept (lower --lr or raise --epsilon, then --resume)"
+
+
+def _loss(net, loss_fn: SwaVLoss, crops, epoch: int, step: int) -> torch.Tensor:
+    """The loss of one step's ``crops`` (high, low); scores that are not finite (a diverged model,
+    which the loss refuses) end the run with one line, not a traceback."""
+    high, low, queue = net(crops, epoch=epoch, step=step)
+    try:
+        return loss_fn(high, low, queue)
+    except ValueError:
+        if all(bool(torch.isfinite(s).all()) for s in high + low):
+            raise
+    raise JobError(f"the scores are not finite at step {step + 1}: {_DIVERGED}")
 
 
 def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path: str, device) -> None:
@@ -353,20 +436,26 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
 
 
-def _save(path: str, model, optimizer, config, progress: _Progress) -> None:
-    """Every rank's state is gathered (its own queues), rank 0 writes, all wait for the file."""
+def _save(path: str, model, optimizer, config, progress: _Progress, device) -> None:
+    """Every rank's state is gathered (its own queues), rank 0 checks and writes it, all wait for the
+    outcome: a state rank 0 refuses to save (non-finite) or cannot write stops every rank."""
     states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
     windows = checkpoint.gather(torch.tensor(progress.window, dtype=torch.float64))  # unlogged losses
+    error = None
     if rank() == 0:
-        checkpoint.save(path, {
-            "model": states[0], "model_per_rank": states, "optimizer": optimizer.state_dict(),
-            "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
-            "config": config, "world_size": world_size(),
-            "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
-            "torch": str(torch.__version__), "swav_core": __version__,
-        })
-    if world_size() > 1:
-        dist.barrier()
+        try:
+            checkpoint.save(path, {
+                "model": states[0], "model_per_rank": states, "optimizer": optimizer.state_dict(),
+                "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
+                "config": config, "world_size": world_size(),
+                "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
+                "torch": str(torch.__version__), "swav_core": __version__,
+            })
+        except JobError as e:
+            error = e
+    failed = _sum_over_ranks(torch.tensor([float(error is not None)], device=device)).item() > 0  # a barrier too
+    if failed:
+        raise error or JobError(f"rank 0 could not save {path} after step {progress.step} (see its error)")
 
 
 def _finish(args, config, data, model, init_backbone, crops, device, progress: _Progress, path: str) -> None:
@@ -383,7 +472,7 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
             device=str(device), world_size=world_size(), n_train=len(data.train), swav_core=__version__,
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         )
-        report.write_metrics(path, metrics)
+        checkpoint.write_atomic(path, lambda f: f.write(report.metrics_text(metrics).encode()))
         checkpoint.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone)
         drawn = plot.write(args.out)
         _say(report.summary(metrics, args.knn_k, args.out, None if drawn else plot.hint(args.out)))

@@ -1,0 +1,383 @@
+"""The job under faults: a run is never destroyed or poisoned silently. A folder holding a run, two jobs
+on one folder, non-finite state, damaged checkpoints and data, ``kill -9`` during a write, a full disk,
+signals (also under a 2-process torchrun) and a stalled rank each end in one ``error:`` line, the last
+good checkpoint kept and resumable."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from swav_core.pretrain import checkpoint, main, train
+from swav_core.pretrain.data import JobError
+from swav_core.pretrain.train import SmallCNN
+
+from test_pretrain import TINY, _assert_states_equal, _ckpt, _env, _free_port, _job
+from test_pretrain_inputs import _refused
+
+
+def _files(folder):
+    """Every file of ``folder`` (but the lock) with its bytes: what a refusal must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}
+
+
+def _failed(capsys, code, *argv):
+    """Run the job expecting a :class:`JobError` or a stop at once: exit ``code``, one ``error:`` line."""
+    assert main(list(argv)) == code
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m swav_core.pretrain: error: "), err
+    return err[0].split("error: ", 1)[1]
+
+
+def _start(out, *args, **popen):
+    """The job in a subprocess, its output read line by line."""
+    cmd = [sys.executable, "-m", "swav_core.pretrain", "--out", str(out), *TINY, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(OMP_NUM_THREADS="1"), start_new_session=True, **popen)
+
+
+def _wait_for(proc, prefix, count=1, limit_s=120):
+    """The ``count``-th line of ``proc`` starting with ``prefix``; ``proc``'s process group is killed
+    when that takes over ``limit_s`` seconds."""
+    timer = threading.Timer(limit_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        for line in proc.stdout:
+            count -= line.startswith(prefix)
+            if count == 0:
+                return line
+    finally:
+        timer.cancel()
+    raise AssertionError(f"the job ended (code {proc.wait()}) before printing {prefix!r}")
+
+
+# --- the output folder ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("second", [["--steps", "4"], ["--data", "synthetic3d", "--high-size", "8", "--low-size", "4"]])
+def test_a_second_run_into_a_folder_holding_a_run_is_refused_before_touching_it(tmp_path, capsys, second):
+    assert _job(tmp_path, "--steps", "4") == 0
+    before = _files(tmp_path)
+    message = _refused(capsys, "--out", str(tmp_path), *TINY, *second)
+    assert message.startswith(f"--out '{tmp_path}' holds a run (checkpoint.pt, log.csv, metrics.json, backbone.pt)")
+    assert "--resume" in message and "another --out" in message and "--overwrite" in message
+    assert _files(tmp_path) == before
+    assert "pass one of them" in _refused(capsys, "--out", str(tmp_path), *TINY, "--resume", "--overwrite")
+    assert _job(tmp_path, "--steps", "6", "--stop-at", "2", "--overwrite") == 0  # the old run deleted
+    assert sorted(_files(tmp_path)) == ["checkpoint.pt", "log.csv"] and _ckpt(tmp_path)["step"] == 2
+
+
+def test_a_second_job_on_a_running_folder_is_refused_and_a_dead_jobs_lock_taken_over(tmp_path, capsys):
+    proc = _start(tmp_path, "--steps", "100000", "--log-every", "2")
+    try:
+        _wait_for(proc, "step ")
+        message = _refused(capsys, "--out", str(tmp_path), *TINY, "--steps", "4", "--overwrite")
+        assert message == f"--out '{tmp_path}' is in use by another run (pid {proc.pid}); wait for it to end, or use another --out"
+        assert os.path.isfile(tmp_path / "log.csv")  # not deleted by the refused --overwrite
+    finally:
+        proc.kill()  # kill -9: the kernel releases its lock
+        proc.wait()
+    assert _job(tmp_path, "--steps", "4", "--overwrite") == 0
+
+
+# --- non-finite state -----------------------------------------------------------------------------
+
+class _PoisonedCNN(SmallCNN):
+    """A NaN enters the first BatchNorm's running variance at step 7 (the loss stays finite)."""
+
+    def forward(self, x):
+        self.calls = getattr(self, "calls", 0) + self.training
+        if self.calls == 4 * 6 + 1:  # 4 crops per step: the first forward of step 7
+            self.features[1].running_var[0] = float("nan")
+        return super().forward(x)
+
+
+def test_a_non_finite_state_is_never_saved_and_the_last_good_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "SmallCNN", _PoisonedCNN)
+    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "20")  # checkpoints every 5 steps
+    assert message.startswith("after step 10: model.backbone.features.1.running_var holds NaN or inf; "
+                              f"{tmp_path / 'checkpoint.pt'} not written, the last good one is kept")
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 5
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_non_finite_optimizer_state_is_refused_naming_it(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoint.save(path, {"step": 1, "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}}})
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    state = {"step": 2, "optimizer": {"state": {0: {"exp_avg": torch.tensor([0.0, float("nan"), 1.0])}}}}
+    with pytest.raises(JobError, match=r"^after step 2: optimizer.state.0.exp_avg holds NaN or inf"):
+        checkpoint.save(path, state)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+
+
+def test_a_diverging_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    """lr 1e37 (finite, so accepted): step 1's update is finite but huge, step 2's scores are NaN (which
+    the loss refuses)."""
+    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "20", "--lr", "1e37", "--warmup-steps", "0",
+                      "--ckpt-every", "1")
+    assert message == "the scores are not finite at step 2: stopped, the last checkpoint is kept (lower --lr or " \
+                      "raise --epsilon, then --resume)"
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 1
+
+
+# --- damaged checkpoints --------------------------------------------------------------------------
+
+def _nan_bn(c):  # "model" is rank 0's state, the same tensors
+    c["model_per_rank"][0]["backbone.features.1.running_mean"][0] = float("nan")
+
+
+def _nan_adam(c):
+    c["optimizer"]["state"][0]["exp_avg"].view(-1)[0] = float("inf")
+
+
+DAMAGE = {  # edit of the checkpoint -> the message after "--resume: <path> "
+    "queue pointer 1e6": (lambda c: c["model_per_rank"][0].update({"queues.0.bank_ptr": torch.tensor(10**6)}),
+                          "does not fit this run: Error(s) in loading state_dict for SwaV:"),
+    "queue pointer -1": (lambda c: c["model_per_rank"][0].update({"queues.0.bank_ptr": torch.tensor(-1)}),
+                         "does not fit this run: Error(s) in loading state_dict for SwaV:"),
+    "bad RNG state": (lambda c: c["rng"][0].update({"torch": torch.zeros(7, dtype=torch.uint8)}),
+                      "is damaged: rng.0.torch is not a torch generator state"),
+    "missing key": (lambda c: c.pop("optimizer"), "is not a checkpoint of this job"),
+    "step -3": (lambda c: c.update({"step": -3}), "is damaged: step = -3, expected an int >= 0"),
+    "NaN BatchNorm statistic": (_nan_bn, "is damaged: model.backbone.features.1.running_mean holds NaN or inf"),
+    "inf in the optimizer state": (_nan_adam, "is damaged: optimizer.state.0.exp_avg holds NaN or inf"),
+    "optimizer state of another shape": (lambda c: c["optimizer"]["state"][0].update({"exp_avg": torch.zeros(2)}),
+                                         "does not fit this run: optimizer state exp_avg is (2,)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_checkpoint_is_refused_before_anything_is_touched(tmp_path, capsys, case):
+    damage, expected = DAMAGE[case]
+    assert _job(tmp_path, "--steps", "12", "--stop-at", "8") == 0  # log.csv holds steps 4 and 8
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    before = _files(tmp_path)
+    message = _refused(capsys, "--out", str(tmp_path), "--resume")
+    assert message.startswith(f"--resume: {tmp_path / 'checkpoint.pt'} {expected}"), message
+    assert _files(tmp_path) == before
+
+
+# --- kill -9 and a full disk ------------------------------------------------------------------------
+
+KILLED_IN_SAVE = textwrap.dedent("""
+    import io, sys, time, torch
+    from swav_core.pretrain import main
+    real, calls = torch.save, []
+    def half_then_hang(obj, f):  # the second checkpoint: half written when the kill comes
+        calls.append(1)
+        if len(calls) < 2:
+            return real(obj, f)
+        buf = io.BytesIO()
+        real(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        print("HALF WRITTEN", flush=True)
+        time.sleep(120)
+    torch.save = half_then_hang
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_the_next_start_cleans_up(tmp_path):
+    """A real ``kill -9`` of a job halfway through writing its second checkpoint (step 10): checkpoint.pt
+    still holds step 5 whole, the orphan is removed by the next start, which takes over the dead job's
+    lock and resumes bitwise equal to an uninterrupted run."""
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    cmd = [sys.executable, "-c", KILLED_IN_SAVE, "--out", str(killed), *TINY, "--steps", "12"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=_env(OMP_NUM_THREADS=str(torch.get_num_threads())))  # bitwise: same threads
+    try:
+        _wait_for(proc, "HALF WRITTEN")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (killed / "checkpoint.pt.tmp").exists() and checkpoint.load(str(killed / "checkpoint.pt"))["step"] == 5
+    assert _job(killed, "--steps", "12", "--resume") == 0
+    assert not list(killed.glob("*.tmp"))
+    assert _job(straight, "--steps", "12") == 0
+    _assert_states_equal(_ckpt(straight)["model"], _ckpt(killed)["model"])
+    assert (straight / "log.csv").read_text() .count("\n") == (killed / "log.csv").read_text().count("\n")
+
+
+KILLED_IN_LOG_REWRITE = textwrap.dedent("""
+    import sys, time
+    from swav_core.pretrain import checkpoint
+    def half_then_hang(f):
+        f.write(b"step,loss\\n4,")
+        f.flush()
+        print("HALF WRITTEN", flush=True)
+        time.sleep(120)
+    checkpoint.write_atomic(sys.argv[1], half_then_hang)
+""")
+
+
+def test_kill_9_while_log_csv_is_rewritten_loses_no_row(tmp_path):
+    """log.csv is rewritten on resume through a temporary file and a rename: a ``kill -9`` in the middle
+    of the write leaves it whole, and the resumed run logs the rows of an uninterrupted one."""
+    assert _job(tmp_path / "run", "--steps", "12", "--stop-at", "9") == 0
+    log = tmp_path / "run" / "log.csv"
+    rows = log.read_text()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_LOG_REWRITE, str(log)], stdout=subprocess.PIPE,
+                            text=True, env=_env(), start_new_session=True)
+    try:
+        _wait_for(proc, "HALF WRITTEN")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert log.read_text() == rows and (tmp_path / "run" / "log.csv.tmp").exists()
+    assert _job(tmp_path / "run", "--steps", "12", "--resume") == 0
+    assert _job(tmp_path / "straight", "--steps", "12") == 0
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert log.read_text().splitlines()[:3] == rows.splitlines()  # header, steps 4 and 8 kept
+    assert [r.split(",")[:3] for r in log.read_text().splitlines()] == \
+           [r.split(",")[:3] for r in (tmp_path / "straight" / "log.csv").read_text().splitlines()]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint_without_an_orphan(tmp_path, capsys, monkeypatch):
+    real = torch.save
+
+    def disk_full_after_step_5(obj, f):
+        if isinstance(obj, dict) and obj.get("step", 0) > 5:
+            f.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_after_step_5)
+    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "12")
+    path = tmp_path / "checkpoint.pt"
+    assert message == f"cannot write {path}: No space left on device; the file there is unchanged"
+    assert checkpoint.load(str(path))["step"] == 5 and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real)  # space freed
+    assert _job(tmp_path, "--steps", "12", "--resume") == 0 and _ckpt(tmp_path)["step"] == 12
+
+
+# --- signals --------------------------------------------------------------------------------------
+
+class _SignalledCNN(SmallCNN):
+    """Sends ``SIGNALS`` to its own process in its forward at step 3 (training) or in the evaluation."""
+
+    SIGNALS, IN_TRAINING = (), True
+
+    def forward(self, x):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.training == self.IN_TRAINING and self.calls == (4 * 2 + 1 if self.IN_TRAINING else 1):
+            for sig in self.SIGNALS:
+                os.kill(os.getpid(), sig)  # the handler runs before os.kill returns to this line
+        return super().forward(x)
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line_naming_the_last_saved_step(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "SmallCNN", _SignalledCNN)
+    monkeypatch.setattr(_SignalledCNN, "SIGNALS", (signal.SIGINT, signal.SIGINT))
+    message = _failed(capsys, 130, "--out", str(tmp_path), *TINY, "--steps", "12", "--ckpt-every", "2")
+    assert message == f"SIGINT again: stopped at once; the last checkpoint is {tmp_path / 'checkpoint.pt'} at step 2"
+    assert _ckpt(tmp_path)["step"] == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path, capsys, monkeypatch):
+    """The checkpoint of the last step is on disk when the evaluation runs: SIGTERM there stops the job
+    at once, saying so, and --resume runs only the evaluation."""
+    monkeypatch.setattr(train, "SmallCNN", _SignalledCNN)
+    monkeypatch.setattr(_SignalledCNN, "SIGNALS", (signal.SIGTERM,))
+    monkeypatch.setattr(_SignalledCNN, "IN_TRAINING", False)
+    message = _failed(capsys, 130, "--out", str(tmp_path), *TINY, "--steps", "6")
+    assert message == (f"SIGTERM during the final evaluation: stopped; {tmp_path / 'checkpoint.pt'} holds all 6 steps, "
+                       f"--resume runs the evaluation")
+    assert _ckpt(tmp_path)["step"] == 6 and not (tmp_path / "metrics.json").exists()
+    monkeypatch.setattr(_SignalledCNN, "SIGNALS", ())
+    assert _job(tmp_path, "--resume") == 0 and (tmp_path / "metrics.json").exists()
+
+
+# --- data and options -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, dtype", [(float("nan"), torch.float32), (float("inf"), torch.float32),
+                                        (-float("inf"), torch.float16), (1e30, torch.float32), (1e300, torch.float64),
+                                        (-2e6, torch.bfloat16)])
+def test_non_finite_or_huge_values_in_a_data_file_are_refused_at_load_naming_it(tmp_path, capsys, bad, dtype):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(12):
+        x = torch.rand(1, 12, 12, dtype=torch.float64)
+        if i == 7:
+            x[0, 3, 4] = bad
+        torch.save(x.to(dtype), folder / f"{i:02d}.pt")
+    message = _refused(capsys, "--out", str(tmp_path / "out"), *TINY, "--data", str(folder), "--steps", "2",
+                       "--high-size", "12", "--low-size", "6")
+    assert message.startswith(f"--data: {folder / '07.pt'} holds 1 value(s) that are NaN, ±inf or beyond ±1e+06")
+    assert not (tmp_path / "out").exists()
+
+
+OPTIONS = [  # bad options -> the message; each names the option and the value
+    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    (["--lr", "-0.002"], "argument --lr: expected a finite number > 0, got '-0.002'"),
+    (["--weight-decay", "nan"], "argument --weight-decay: expected a finite number >= 0, got 'nan'"),
+    (["--intensity", "5"], "argument --intensity: expected a finite number in [0, 1), got '5'"),
+    (["--prototypes", "1"], "argument --prototypes: expected an int >= 2 (one prototype makes the loss 0), got '1'"),
+    (["--dist-timeout", "0"], "argument --dist-timeout: expected a finite number > 0, got '0'"),
+]
+
+
+@pytest.mark.parametrize("bad, expected", OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_numbers_are_refused_by_option_parsing(tmp_path, capsys, bad, expected):
+    assert _refused(capsys, "--out", str(tmp_path / "out"), *TINY, *bad) == expected
+    assert not (tmp_path / "out").exists()
+
+
+# --- torchrun -------------------------------------------------------------------------------------
+
+def _torchrun(out, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "swav_core.pretrain", "--out", str(out), *TINY, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(OMP_NUM_THREADS="1"), start_new_session=True)
+
+
+@pytest.mark.distributed
+def test_ctrl_c_under_torchrun_always_saves_a_checkpoint_that_resumes(tmp_path):
+    """SIGINT to torchrun's process group (a terminal's Ctrl-C: the agent and both ranks), then the
+    agent's own SIGINT to the ranks: every rank saves after the same step, and the run resumes."""
+    proc = _torchrun(tmp_path, "--steps", "100000", "--log-every", "2", "--ckpt-every", "100000")
+    try:
+        _wait_for(proc, "step ")
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert "interrupted after step" in rest, rest
+    k = _ckpt(tmp_path)["step"]
+    assert _ckpt(tmp_path)["world_size"] == 2 and k >= 2
+    proc = _torchrun(tmp_path, "--resume", "--stop-at", str(k + 1))
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and f"resumed {tmp_path / 'checkpoint.pt'} at step {k}" in out, out
+    assert _ckpt(tmp_path)["step"] == k + 1
+
+
+@pytest.mark.distributed
+def test_a_stalled_rank_ends_the_run_after_dist_timeout_with_a_clear_message(tmp_path):
+    """SIGSTOP on rank 1: rank 0's next collective fails after --dist-timeout 5 s with one line."""
+    proc = _torchrun(tmp_path, "--steps", "100000", "--log-every", "2", "--ckpt-every", "4", "--dist-timeout", "5")
+    try:
+        _wait_for(proc, "step ", count=3)  # step 6: step 4's checkpoint is saved
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [int(p) for p in children if b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()]
+        os.kill(rank1[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        line = _wait_for(proc, "python -m swav_core.pretrain: error: ")
+        waited = time.monotonic() - stopped
+        os.kill(rank1[0], signal.SIGKILL)  # else torchrun waits 30 s for it to end
+        proc.communicate(timeout=60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert 5 <= waited < 30, waited
+    assert line.startswith("python -m swav_core.pretrain: error: rank 0: Timed out waiting 5000ms"), line
+    assert "(--dist-timeout 5 s): another process stalled or died; the last checkpoint is " in line
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] >= 4
