@@ -1,9 +1,12 @@
-"""What the job prints and writes besides checkpoints: progress lines, ``log.csv``, ``metrics.json``."""
+"""What the job prints and writes besides checkpoints: progress lines, ``log.csv``, ``metrics.json``
+(the whole-file writes go through :func:`~.checkpoint.write_atomic`)."""
 import csv
 import io
 import json
 import os
 from typing import Any, Dict, List, Optional
+
+from .data import JobError
 
 __all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "kept_log",
            "append_log", "metrics_text"]
@@ -66,10 +69,13 @@ def kept_log(path: str, keep_until_step: int) -> str:
 
 def append_log(path: str, row: Dict[str, Any]) -> None:
     """Append one row and fsync it: a checkpoint written later never refers to a row a crash lost."""
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: a row cut short is dropped by the next resume (kept_log)
+        raise JobError(f"cannot write {path}: {e.strerror or e}; the last checkpoint is kept") from e
 
 
 def metrics_text(metrics: Dict[str, Any]) -> str:
