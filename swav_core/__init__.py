@@ -11,13 +11,5 @@ from .model import SwaV
 from .multicrop import MultiCrop
 from .sinkhorn import sinkhorn
 
-__all__ = [
-    "MemoryBankModule",
-    "MultiCrop",
-    "SwaV",
-    "SwaVLoss",
-    "SwaVProjectionHead",
-    "SwaVPrototypes",
-    "sinkhorn",
-]
+__all__ = ["MemoryBankModule", "MultiCrop", "SwaV", "SwaVLoss", "SwaVProjectionHead", "SwaVPrototypes", "sinkhorn"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The SwAV swapped-prediction loss (Caron et al., 2020, arXiv:2006.09882, §3.1 and multi-crop §3.2)."""
 import math
 import numbers
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -11,8 +11,6 @@ from torch import nn
 from .sinkhorn import sinkhorn
 
 __all__ = ["SwaVLoss"]
-
-Crops = List[torch.Tensor]
 
 
 class SwaVLoss(nn.Module):
@@ -48,13 +46,8 @@ class SwaVLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        sinkhorn_iterations: int = 3,
-        sinkhorn_epsilon: float = 0.05,
-        sinkhorn_gather_distributed: bool = False,
-    ):
+    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
+                 sinkhorn_gather_distributed: bool = False):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             0.0 < temperature < math.inf and 1.0 / temperature < math.inf
@@ -73,6 +66,7 @@ class SwaVLoss(nn.Module):
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.sinkhorn_epsilon = float(sinkhorn_epsilon)
         self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
+        self._work: Optional[torch.Tensor] = None  # Sinkhorn's scratch on the CPU (see _codes); not state
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
@@ -86,12 +80,8 @@ class SwaVLoss(nn.Module):
         """
         return -(q * F.log_softmax(z / self.temperature, dim=1)).sum(dim=1).mean()
 
-    def forward(
-        self,
-        high_resolution_outputs: Sequence,
-        low_resolution_outputs: Sequence,
-        queue_outputs: Optional[Sequence] = None,
-    ) -> torch.Tensor:
+    def forward(self, high_resolution_outputs: Sequence, low_resolution_outputs: Sequence,
+                queue_outputs: Optional[Sequence] = None) -> torch.Tensor:
         """The loss ℓ above, averaged over prototype heads; see the class docstring for shapes."""
         heads = _split_heads(high_resolution_outputs, low_resolution_outputs, queue_outputs)
         losses = [self._head_loss(high, low, queue) for high, low, queue in heads]
@@ -101,7 +91,7 @@ class SwaVLoss(nn.Module):
             raise ValueError(self._non_finite_message(heads))
         return loss
 
-    def _head_loss(self, high: Crops, low: Crops, queue: Optional[Crops]) -> torch.Tensor:
+    def _head_loss(self, high: list, low: list, queue: Optional[list]) -> torch.Tensor:
         crops, n_high = high + low, len(high)
         top = 1.0 / ((len(crops) - 1) * crops[0].shape[0] * self.temperature)  # the largest |∂ℓ/∂z|
         for name, z in _named(high, low):  # a float16 score's gradient must fit float16
@@ -120,14 +110,24 @@ class SwaVLoss(nn.Module):
                          for v, z in enumerate(crops) if n_high > 1 or v > 0]
         return sum(terms) / (n_high * (len(crops) - 1))
 
-    def _codes(self, i: int, z: torch.Tensor, queue: Optional[Crops]) -> torch.Tensor:
-        """Codes (B, K) of high-resolution crop i, with its queue; errors name the loss' arguments."""
+    def _codes(self, i: int, z: torch.Tensor, queue: Optional[list]) -> torch.Tensor:
+        """Codes (B, K) of crop i with its queue; on the CPU in a scratch kept between calls (a fresh one costs a
+        third of the call in page faults), the codes copied out. Errors name the loss' arguments."""
+        x = None if queue is None else queue[i]
+        work = None
+        if (torch.is_tensor(x) and x.ndim == 2 and len(x) > 0 and self.sinkhorn_iterations > 0
+                and z.device.type == "cpu" and not torch.compiler.is_compiling()):
+            dtype = torch.float64 if torch.float64 in (z.dtype, x.dtype) else torch.float32
+            if self._work is None or self._work.numel() < x.numel() + z.numel() or self._work.dtype != dtype:
+                self._work = torch.empty(x.numel() + z.numel(), dtype=dtype)
+            work = self._work
         try:
-            return sinkhorn(z, self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed,
-                            queue=None if queue is None else queue[i])
+            q = sinkhorn(z, self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed,
+                         queue=x, work=work)
         except ValueError as error:
             names = f"high_resolution_outputs[{i}]" + ("" if queue is None else f" and queue_outputs[{i}]")
             raise ValueError(f"SwaVLoss: codes of {names}: {error}") from error
+        return q if work is None else q.clone()
 
     def _non_finite_message(self, heads) -> str:
         predictors = [(f"{name}[{h}]" if len(heads) > 1 else name, z) for h, (high, low, _) in enumerate(heads)
@@ -141,7 +141,7 @@ class SwaVLoss(nn.Module):
                 f"temperature={self.temperature} overflow")
 
 
-def _named(high: Crops, low: Crops):
+def _named(high: list, low: list):
     return [(f"high_resolution_outputs[{i}]", z) for i, z in enumerate(high)] + [
         (f"low_resolution_outputs[{i}]", z) for i, z in enumerate(low)]
 

@@ -1,4 +1,5 @@
 """A FIFO ring buffer of feature vectors: SwAV's queue (Caron et al., 2020, §4 "small batches")."""
+import math
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -69,9 +70,13 @@ class MemoryBankModule(nn.Module):
         x = _all_gather(x.detach()) if self.gather_distributed else x.detach()
         length, b = self.length, x.shape[0]
         n = min(b, length)  # the last n rows survive, where they land had the B rows been pushed one by one
-        slots = torch.arange(self._ptr + b - n, self._ptr + b, device=self.bank.device) % length  # (n,)
+        start = (self._ptr + b - n) % length
+        first = min(n, length - start)  # rows before the wrap-around
+        old = torch.cat([self.bank[start : start + first], self.bank[: n - first]])  # (n, D) what the slots hold
         rows = x[b - n :].to(device=self.bank.device, dtype=self.bank.dtype)  # (n, D)
-        self.bank[slots] = torch.where(rows.isfinite().all(1, keepdim=True), rows, self.bank[slots])
+        finite = rows.abs().amax(dim=1, keepdim=True) < math.inf  # (n, 1); NaN compares False
+        rows = torch.where(finite, rows, old)  # a new tensor: it may alias the bank no more
+        self.bank[start : start + first], self.bank[: n - first] = rows[:first], rows[first:]
         self._set_counters((self._ptr + b) % length, min(self._filled + b, length))
 
     def _set_counters(self, ptr: int, filled: int) -> None:
