@@ -117,9 +117,9 @@ def test_a_non_finite_optimizer_state_is_refused_naming_it(tmp_path):
 
 
 def test_a_diverging_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
-    """lr 1e37 (finite, so accepted): step 1's update is finite but huge, step 2's scores are NaN (which
+    """lr 1e30 (the largest accepted): step 1's update is finite but huge, step 2's scores are NaN (which
     the loss refuses)."""
-    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "20", "--lr", "1e37", "--warmup-steps", "0",
+    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "20", "--lr", "1e30", "--warmup-steps", "0",
                       "--ckpt-every", "1")
     assert message == "the scores are not finite at step 2: stopped, the last checkpoint is kept (lower --lr or " \
                       "raise --epsilon, then --resume)"
@@ -316,9 +316,10 @@ def test_non_finite_or_huge_values_in_a_data_file_are_refused_at_load_naming_it(
 
 
 OPTIONS = [  # bad options -> the message; each names the option and the value
-    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
-    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
-    (["--lr", "-0.002"], "argument --lr: expected a finite number > 0, got '-0.002'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number in (0, 1e30], got 'nan'"),
+    (["--lr", "inf"], "argument --lr: expected a finite number in (0, 1e30], got 'inf'"),
+    (["--lr", "-0.002"], "argument --lr: expected a finite number in (0, 1e30], got '-0.002'"),
+    (["--lr", "1e38"], "argument --lr: expected a finite number in (0, 1e30], got '1e38'"),  # AdamW overflowed
     (["--weight-decay", "nan"], "argument --weight-decay: expected a finite number >= 0, got 'nan'"),
     (["--intensity", "5"], "argument --intensity: expected a finite number in [0, 1), got '5'"),
     (["--prototypes", "1"], "argument --prototypes: expected an int >= 2 (one prototype makes the loss 0), got '1'"),

@@ -81,6 +81,7 @@ def _finite_float(accept, expected: str):
 
 
 _positive_float = _finite_float(lambda v: v > 0, "> 0")
+_learning_rate = _finite_float(lambda v: 0 < v <= 1e30, "in (0, 1e30]")  # AdamW's lr/(1 - beta1) must fit float32
 _non_negative_float = _finite_float(lambda v: v >= 0, ">= 0")
 _unit_interval = _finite_float(lambda v: 0 <= v < 1, "in [0, 1)")
 
@@ -176,7 +177,7 @@ def _crop_options(group) -> None:
     group.add_argument("--intensity", type=_unit_interval, default=0.2,
                        help="intensity jitter a*x+b, a in 1±i, b in ±i, for inputs on a unit scale (see Input range)")
     group.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW, or SGD with momentum 0.9")
-    group.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    group.add_argument("--lr", type=_learning_rate, default=2e-3, help="peak learning rate (linear warm-up, cosine decay)")
     group.add_argument("--weight-decay", type=_non_negative_float, default=1e-4, help="weight decay")
     group.add_argument("--warmup-steps", type=_non_negative, default=20,
                        help="linear warm-up steps, at most half of --steps (a shorter run warms up for "
