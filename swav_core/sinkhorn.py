@@ -80,10 +80,10 @@ def sinkhorn(out: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gath
 def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype, work):
     """E = exp((S − m_col − m_row)/ε) in one (B + N, K) buffer, and m_row/2 (B + N,). The scores are
     halved first (exactly), so no difference of finite scores overflows; ``scale`` = 2/ε; no m_col: softmax."""
-    zeros = blocks[0].new_zeros(blocks[0].shape[1], dtype=dtype)  # (K,): the sum is taken in ``dtype``
-    shift = _column_max(blocks, gather, dtype).mul_(-0.5) if shift_prototypes else zeros  # (K,) −m_col/2
-    n, k = sum(len(b) for b in blocks), blocks[0].shape[1]
-    e = blocks[0].new_empty((n, k), dtype=dtype) if work is None else work.view(-1)[: n * k].view(n, k)
+    n, k, first = sum(len(b) for b in blocks), blocks[0].shape[1], blocks[0]
+    # (K,) −m_col/2, or zeros for a softmax ((K,), not 0-dim: the sum below is then taken in ``dtype``)
+    shift = _column_max(blocks, gather, dtype).mul_(-0.5) if shift_prototypes else first.new_zeros(k, dtype=dtype)
+    e = first.new_empty((n, k), dtype=dtype) if work is None else work.view(-1)[: n * k].view(n, k)
     for b, part in zip(blocks, e.split([len(b) for b in blocks])):
         torch.add(shift, b.detach(), alpha=0.5, out=part)  # (S − m_col)/2, 0 at each column's max
     half_row_max = e.amax(dim=1)  # (B + N,) m_row/2 ≤ 0
