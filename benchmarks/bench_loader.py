@@ -5,7 +5,7 @@
 For folders of ``multiple × batch-size`` float32 files, one child process per (folder, path) reads
 one epoch of the job's batches (``swav_core.pretrain.data.batches``, the training loop's order) and
 reports its peak resident memory (``resource.getrusage`` maxrss, worker processes included), its
-start-up time (lazy: one memory-mapped pass over the files for shape and dtype; in memory: reading
+start-up time (lazy: one pass over the files for shape, dtype and finite float values; in memory: reading
 and stacking every file) and its throughput. ``import torch`` alone is the memory baseline. Files
 are read from the page cache (just written); a cold disk is slower for both paths alike.
 Baseline, the in-memory path: the job's behaviour before the lazy loader (``load_folder``).
