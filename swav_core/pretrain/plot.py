@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 from . import report
+from .checkpoint import write_atomic
 from .data import UsageError
 
 __all__ = ["write", "hint"]
@@ -49,7 +50,7 @@ def write(folder: str) -> Optional[str]:
                     (metrics["steps"], ax.get_ylim()[1]), xytext=(-4, -4), textcoords="offset points",
                     ha="right", va="top", color="tab:green")
     path = os.path.join(folder, "loss.png")
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a kill leaves no half picture
     return path
 
 
