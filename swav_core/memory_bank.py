@@ -116,11 +116,19 @@ class MemoryBankModule(nn.Module):
             self.bank, self._bank_ptr = fn(self.bank), fn(self._bank_ptr)
         return self
 
+    @property
+    def bank_filled(self) -> torch.Tensor:  # the state_dict's name, for torch.distributed.checkpoint
+        return torch.tensor(self._filled)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "bank"] = self.bank.clone()  # a snapshot, as the counters are
-        destination[prefix + "bank_ptr"] = torch.tensor(self._ptr)
-        destination[prefix + "bank_filled"] = torch.tensor(self._filled)
+        device = self.bank.device
+        state = {"bank": self.bank.clone(),  # a snapshot, as the counters are
+                 "bank_ptr": torch.tensor(self._ptr, device=device),
+                 "bank_filled": torch.tensor(self._filled, device=device)}
+        if _sharded(destination):  # each rank's own queue, as DTensors that DCP saves per rank
+            state = {k: _per_rank(v) for k, v in state.items()}
+        destination.update({prefix + k: v for k, v in state.items()})
 
     def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
@@ -133,7 +141,7 @@ class MemoryBankModule(nn.Module):
             self.bank.zero_()
             self._set_counters(0, 0)
             return
-        bank, ptr, filled = (state_dict[k] for k in keys)
+        bank, ptr, filled = (_own_part(state_dict[k], n) for k, n in zip(keys, (2, 0, 0)))
         problems = self._state_errors(prefix, bank, ptr, filled)
         errors.extend(problems)
         if not problems:
@@ -189,3 +197,40 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])
+
+
+# ---- the queue state of a sharded model (FSDP2, tensor parallel) ----------------------------------
+# DCP (torch.distributed.checkpoint) takes a plain tensor for one replicated across ranks and keeps one
+# rank's copy: every rank would get that rank's queue back. In a state dict that already holds DTensors
+# (a sharded model; SwaV registers its queues after its parameters) the queue state is therefore a DTensor
+# sharded over all W ranks, rank r's part its own: bank (W, L, D), bank_ptr and bank_filled (W,). Gathered
+# into plain tensors (get_model_state_dict(..., full_state_dict=True)), each rank loads its own row.
+
+
+def _sharded(state: dict) -> bool:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(v, DTensor) for v in state.values())
+
+
+def _per_rank(t: torch.Tensor) -> torch.Tensor:
+    """This rank's ``t`` as row ``rank`` of a DTensor (W, *t.shape) sharded over the default group."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+    mesh = DeviceMesh.from_group(dist.group.WORLD, t.device.type)
+    shape = torch.Size((dist.get_world_size(), *t.shape))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t[None], mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+def _own_part(value, ndim: int):
+    """This rank's part of a queue state saved by :func:`_per_rank` (a DTensor, or all W rows gathered
+    into a plain tensor under W ranks); anything else as it is, for the checks."""
+    if type(value).__name__ == "DTensor":
+        value = value.to_local()  # (1, ...): this rank's row
+        return value[0] if value.ndim == ndim + 1 and len(value) == 1 else value
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and torch.is_tensor(value) and value.ndim == ndim + 1 and len(value) == dist.get_world_size():
+        return value[dist.get_rank()]
+    return value

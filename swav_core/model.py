@@ -67,13 +67,20 @@ class SwaV(nn.Module):
         return (f"num_ftrs={self.num_ftrs}, queue_length={self.queue_length}, start_queue_at_epoch="
                 f"{self.start_queue_at_epoch}, group_crops_by_resolution={self.group_crops_by_resolution}")
 
-    def forward(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
-                epoch: Optional[int] = None, step: Optional[int] = None,
-                ) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
-        """Scores ``(high, low, queue)``; ``step`` drives prototype freezing, ``epoch`` the queue's start."""
+    def __call__(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], epoch: Optional[int] = None,
+                 step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
         high, low, epoch = self._check_input(input, epoch, step)  # before any state changes
-        n_crops, n_high = len(high) + len(low), len(high)
+        # The prototypes are normalised where they are stored, before any forward hook runs: FSDP2's
+        # pre-forward hook swaps in a temporary unsharded copy, on which the normalisation would be lost.
         self.prototypes.normalize()
+        return super().__call__((high, low), epoch, step)
+
+    def forward(self, input: Tuple[List[torch.Tensor], List[torch.Tensor]], epoch: Optional[int] = None,
+                step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
+        """Scores ``(high, low, queue)``; ``step`` drives prototype freezing, ``epoch`` the queue's start.
+        Call the model, not ``forward``: the call checks the arguments and normalises the prototypes."""
+        (high, low), epoch = input, epoch or 0
+        n_crops, n_high = len(high) + len(low), len(high)
         z = self._embed(high + low)  # (V·B, D), unit rows, crop after crop
         scores = _per_crop(self.prototypes(z, step), n_crops)  # one product for all crops, split back
         high_z = rearrange(z, "(v b) d -> v b d", v=n_crops)[:n_high]  # (V1, B, D)
@@ -135,10 +142,14 @@ class SwaV(nn.Module):
         if self.queues is None:
             return None
         use = all(q.is_full for q in self.queues) and epoch >= self.start_queue_at_epoch
-        scores = [self.prototypes(q.features(ordered=False), step) for q in self.queues] if use else None
+        # Every rank calls the prototypes alike, with no rows when the queue is not used: sharded by FSDP2,
+        # that call is a collective, and ranks with other batch sizes fill their queues at other steps.
+        dtype = self.prototypes.heads[0].weight.dtype  # a mixed-precision policy's param_dtype
+        scores = [self.prototypes(q.features(ordered=False)[: None if use else 0].to(dtype), step)
+                  for q in self.queues]
         for queue, z in zip(self.queues, high_z):
             queue.push(z)
-        return scores
+        return scores if use else None
 
 
 def _per_crop(scores: Scores, n_crops: int) -> List[Scores]:

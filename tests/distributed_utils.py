@@ -56,13 +56,14 @@ def run_distributed(fn, world_size=2, *args):
             if p.is_alive():
                 p.kill()
                 p.join()
-        results = []
+        payloads = []
         for r in range(world_size):
             path = os.path.join(out_dir, f"{r}.pt")
             if not os.path.exists(path):
                 raise RuntimeError(f"rank {r} produced no result (timed out or crashed)")
-            payload = torch.load(path, weights_only=False)
-            if not payload["ok"]:
-                raise AssertionError(f"rank {r} failed:\n{payload['error']}")
-            results.append(payload["result"])
-        return results
+            payloads.append(torch.load(path, weights_only=False))
+        failed = [(r, p["error"]) for r, p in enumerate(payloads) if not p["ok"]]
+        if failed:  # the cause first: a rank that failed on its own, not because its peer was gone
+            r, error = min(failed, key=lambda f: "closed by peer" in f[1])
+            raise AssertionError(f"rank {r} failed:\n{error}")
+        return [p["result"] for p in payloads]

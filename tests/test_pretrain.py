@@ -198,3 +198,41 @@ def test_torchrun_two_processes_save_per_rank_queues_and_resume_exactly(tmp_path
     b = _ckpt(resumed)
     for sa, sb in zip(a["model_per_rank"], b["model_per_rank"]):
         _assert_states_equal(sa, sb)
+
+
+def _same_training(a, b, bitwise: bool = False):
+    """Checkpoints ``a`` and ``b`` hold the same parameters, queues and optimizer state, bit for bit; BatchNorm
+    statistics too, except on ranks > 0 unless ``bitwise`` (DDP sends rank 0's to the others, FSDP2 does not)."""
+    stats = ("running_mean", "running_var")
+    for rank, (sa, sb) in enumerate(zip(a["model_per_rank"], b["model_per_rank"])):
+        keep = [k for k in sa if bitwise or rank == 0 or not k.endswith(stats)]
+        _assert_states_equal({k: sa[k] for k in keep}, {k: sb[k] for k in keep})
+    flat = lambda c: {f"{i}.{k}": v for i, s in c["optimizer"]["state"].items() for k, v in s.items()}  # noqa: E731
+    _assert_states_equal(flat(a), flat(b))
+    assert torch.equal(torch.cat(a["loss_window_per_rank"]), torch.cat(b["loss_window_per_rank"]))
+
+
+@pytest.mark.distributed
+def test_torchrun_fsdp_resumes_exactly_and_checkpoints_move_between_ddp_and_fsdp(tmp_path):
+    """--fsdp trains as DDP does; --stop-at/--resume under --fsdp is bitwise; a DDP checkpoint resumes under
+    --fsdp and an FSDP2 one without it (then DDP), as if not interrupted."""
+    runs = {name: tmp_path / name for name in ("ddp", "fsdp", "fsdp-fsdp", "ddp-fsdp", "fsdp-ddp")}
+    _torchrun(runs["ddp"], "--steps", "8")
+    _torchrun(runs["fsdp"], "--steps", "8", "--fsdp")
+    for name, (first, then) in {"fsdp-fsdp": (["--fsdp"], ["--fsdp"]), "ddp-fsdp": ([], ["--fsdp"]),
+                                "fsdp-ddp": (["--fsdp"], [])}.items():
+        _torchrun(runs[name], "--steps", "8", "--stop-at", "4", *first)
+        _torchrun(runs[name], "--steps", "8", "--resume", *then)
+    ckpt = {name: _ckpt(path) for name, path in runs.items()}
+    assert ckpt["fsdp"]["config"]["fsdp"] and not ckpt["fsdp-ddp"]["config"]["fsdp"]  # not inherited
+    _same_training(ckpt["ddp"], ckpt["fsdp"])
+    _same_training(ckpt["fsdp"], ckpt["fsdp-fsdp"], bitwise=True)
+    _same_training(ckpt["ddp"], ckpt["ddp-fsdp"])
+    _same_training(ckpt["ddp"], ckpt["fsdp-ddp"], bitwise=True)  # DDP's broadcast since step 4: rank 0's
+
+
+def test_fsdp_needs_torchrun(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _job(tmp_path / "run", "--steps", "2", "--fsdp")
+    assert exit_.value.code == 2
+    assert "--fsdp shards the model over processes: run it under torchrun" in capsys.readouterr().err

@@ -39,7 +39,7 @@ __all__ = ["save", "load", "problem", "first_non_finite", "write_atomic", "lock"
 
 # Options that may differ between a run and its resumption; any other difference is an error.
 RUN_ONLY = {"out", "steps", "stop_at", "resume", "overwrite", "device", "amp", "log_every", "ckpt_every", "knn_k",
-            "workers", "plot", "dist_timeout"}
+            "workers", "plot", "dist_timeout", "fsdp"}
 
 
 def gather(obj: Any) -> List[Any]:
@@ -243,7 +243,7 @@ def resumed_options(saved: Dict[str, Any], args: argparse.Namespace, given: Dict
     """The options of a resumed run: the checkpoint's ``saved`` ones, then the run-only options in
     ``given`` (those written on the command line: ``--steps``, ``--device``, …; see :data:`RUN_ONLY`).
 
-    ``--stop-at`` is never inherited. Any other option given is compared after :func:`normalised`,
+    ``--stop-at`` and ``--fsdp`` are never inherited (a run may change between DDP and FSDP2). Any other option given is compared after :func:`normalised`,
     and a real change is a :class:`UsageError` naming the option, the old and the new value.
     """
     diff = {k: (saved.get(k), v) for k, v in given.items()
@@ -253,7 +253,7 @@ def resumed_options(saved: Dict[str, Any], args: argparse.Namespace, given: Dict
         raise UsageError(f"--resume with different options than the checkpoint: {lines}; leave them out to "
                          f"continue with the checkpoint's own")
     run_only = {k: v for k, v in given.items() if k in RUN_ONLY}
-    fixed = {"out": args.out, "resume": True, "overwrite": False, "stop_at": None}
+    fixed = {"out": args.out, "resume": True, "overwrite": False, "stop_at": None, "fsdp": args.fsdp}
     return argparse.Namespace(**{**vars(args), **saved, **fixed, **run_only})
 
 

@@ -35,6 +35,7 @@ examples:
   python -m swav_core.pretrain --resume                          # continue runs/pretrain/checkpoint.pt
   python -m swav_core.pretrain --plot runs/pretrain              # draw loss.png for a run folder
   torchrun --nproc_per_node 2 -m swav_core.pretrain              # DDP, gloo on CPU (NCCL with --device cuda)
+  torchrun --nproc_per_node 2 -m swav_core.pretrain --fsdp       # the same, sharded with FSDP2
 """
 
 
@@ -143,6 +144,9 @@ def _run_options(group) -> None:
                        help="stop after step K and save a checkpoint, exactly as an interruption would")
     group.add_argument("--log-every", type=_positive, default=25, help="steps between progress lines / log rows")
     group.add_argument("--ckpt-every", type=_positive, default=100, help="steps between checkpoints")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the model with FSDP2 (fully_shard) instead of DistributedDataParallel; "
+                            "checkpoints are the same either way, so a run may change with --resume")
     group.add_argument("--dist-timeout", type=_positive_float, default=300.0, metavar="SECONDS",
                        help="under torchrun: a process that waits this long for another (stalled or dead) stops "
                             "with an error, keeping the last checkpoint")

@@ -15,7 +15,7 @@ from .data import Data
 __all__ = ["evaluate", "embed", "knn_top1"]
 
 
-def evaluate(model: nn.Module, init_backbone: nn.Module, data: Data, device: torch.device, k: int) -> Dict[str, Any]:
+def evaluate(backbone: nn.Module, init_backbone: nn.Module, data: Data, device: torch.device, k: int) -> Dict[str, Any]:
     """k-NN (bank: the training samples with their labels; queries: the held-out samples).
 
     Both backbones run in eval mode (BatchNorm running statistics). Without labels the values are None.
@@ -23,8 +23,8 @@ def evaluate(model: nn.Module, init_backbone: nn.Module, data: Data, device: tor
     if data.train_labels is None or data.test is None:
         return {"knn_top1": None, "knn_top1_random_init": None, "knn_k": k, "knn_test_samples": 0}
     scores = {}
-    for name, backbone in (("knn_top1", model.backbone), ("knn_top1_random_init", init_backbone.to(device))):
-        bank, queries = embed(backbone, data.train, device=device), embed(backbone, data.test, device=device)
+    for name, net in (("knn_top1", backbone), ("knn_top1_random_init", init_backbone.to(device))):
+        bank, queries = embed(net, data.train, device=device), embed(net, data.test, device=device)
         scores[name] = knn_top1(bank, data.train_labels, queries, data.test_labels, k=k)
     return {**scores, "knn_k": k, "knn_test_samples": len(data.test)}
 

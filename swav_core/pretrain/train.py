@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import MultiCrop, SwaV, SwaVLoss, __version__
+from .. import MemoryBankModule, MultiCrop, SwaV, SwaVLoss, __version__
 from . import checkpoint, plot, report
 from .data import SYNTHETIC, Data, JobError, UsageError, batches, derive_seed, load_data
 from .evaluate import evaluate
@@ -184,23 +185,88 @@ def _build(args: argparse.Namespace, data: Data, device: torch.device):
                      n_queues=2 if args.queue_length else 0, queue_length=args.queue_length,
                      n_steps_frozen_prototypes=args.freeze_prototypes_steps,
                      group_crops_by_resolution=args.group_crops_by_resolution).to(device)
+    loss_fn = SwaVLoss(args.temperature, args.sinkhorn_iterations, args.epsilon,
+                       sinkhorn_gather_distributed=world_size() > 1)
+    return crops, model, loss_fn
+
+
+def _parallel(args: argparse.Namespace, model: SwaV):
+    """``model`` under DDP, or sharded in place by FSDP2 (``--fsdp``: backbone, head and prototypes
+    units under the root), or as it is in one process; then its optimizer, over the parameters that
+    the wrapper trains (FSDP2 replaces them by sharded ones)."""
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        # FSDP2 warns once per module that returns a view (SwaV's per-crop scores; SmallCNN's flatten):
+        # an in-place change of one would skip a hook. Nothing here changes them in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        for unit in (model.backbone, model.projection_head, model.prototypes, model):
+            fully_shard(unit)
+        net = model
+    else:
+        net = DistributedDataParallel(model) if world_size() > 1 else model
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss_fn = SwaVLoss(args.temperature, args.sinkhorn_iterations, args.epsilon,
-                       sinkhorn_gather_distributed=world_size() > 1)
-    return crops, model, optimizer, loss_fn
+    return net, optimizer
 
 
-def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state as plain CPU tensors: sharded parameters gathered (a collective under FSDP2),
+    each queue this rank's own."""
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():  # alone, a queue saves plain tensors
+        if isinstance(module, MemoryBankModule):
+            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _optimizer_state(model: nn.Module, optimizer, fsdp: bool) -> Dict:
+    """``optimizer.state_dict()``, as one process holds it (parameters numbered in ``model`` order);
+    under FSDP2 gathered from the shards, on rank 0 (elsewhere {})."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return _renamed(full, index) if full else {}
+
+
+def _set_optimizer_state(model: nn.Module, optimizer, state: Dict, fsdp: bool) -> None:
+    if not fsdp:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = dict(enumerate(name for name, _ in model.named_parameters()))
+    options = StateDictOptions(full_state_dict=True, strict=False)  # strict: every parameter needs a state
+    set_optimizer_state_dict(model, optimizer, _renamed(state, names), options=options)
+    for i, p in enumerate(model.parameters()):  # none saved (frozen prototypes): none now (DCP made one)
+        if i not in state["state"]:
+            optimizer.state.pop(p, None)
+
+
+def _renamed(state: Dict, key: Dict) -> Dict:
+    """An optimizer state_dict with its parameters renamed by ``key`` (index <-> name)."""
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [dict(g, params=[key[k] for k in g["params"]]) for g in state["param_groups"]]}
+
+
+def _has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """The checks that need neither the data nor the checkpoint; raise :class:`UsageError`."""
     if args.stop_at is not None and args.stop_at > args.steps:
         raise UsageError(f"--stop-at {args.stop_at} is beyond --steps {args.steps}")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise UsageError("--fsdp shards the model over processes: run it under torchrun --nproc_per_node N (N >= 2)")
+    if args.fsdp and not _has_fsdp2():
+        raise UsageError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch {torch.__version__} "
+                         "lacks: drop --fsdp to use DistributedDataParallel")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -297,16 +363,19 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
 def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
     paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
     config = {**vars(args), "data": checkpoint.normalised("data", args.data)}
-    crops, model, optimizer, loss_fn = _build(args, data, device)
+    crops, model, loss_fn = _build(args, data, device)
     # The job's own steps do not draw from the global RNG (data order and crops have seeded generators
     # of their own), a user's backbone may (dropout). Seeded per rank after _build, whose seeded
     # initialisation resets the CUDA generators; --resume then restores the saved states.
     torch.manual_seed(derive_seed("global", args.seed, rank()))
     init_backbone = copy.deepcopy(model.backbone).cpu()  # the random-initialisation baseline
+    if ckpt:
+        _check_resume(args, ckpt)
+        _load_states(ckpt, paths["checkpoint.pt"], model)  # into the unsharded model
+    net, optimizer = _parallel(args, model)
     progress = _resume(args, ckpt, paths["checkpoint.pt"], model, optimizer) if ckpt else _Progress()
     if rank() == 0:
         _first_writes(args, paths["log.csv"], progress.step)
-    net = DistributedDataParallel(model) if world_size() > 1 else model
     end = min(args.steps, args.stop_at or args.steps)
     _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {world_size()} process(es) on {device} | "
          f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
@@ -318,7 +387,7 @@ def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: Sto
             _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
         interrupted = stop.requested_anywhere(device)
         if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
-            _save(paths["checkpoint.pt"], model, optimizer, config, progress, device)
+            _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp)
             stop.saved = progress.step
         if interrupted:
             _say(f"interrupted after step {progress.step}: saved {paths['checkpoint.pt']}; continue with --resume")
@@ -350,7 +419,7 @@ def _start_session(args, data: Data, progress: _Progress, end: int, device: torc
                    args.workers, pin_memory=device.type == "cuda")
 
 
-def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
+def _check_resume(args, ckpt: Dict) -> None:
     if ckpt["world_size"] != world_size():
         raise UsageError(f"--resume: the checkpoint was written by {ckpt['world_size']} process(es), "
                          f"this run has {world_size()}")
@@ -359,23 +428,39 @@ def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
                          f"pass --steps {ckpt['step']} or more")
     if args.stop_at is not None and args.stop_at <= ckpt["step"]:
         raise UsageError(f"--stop-at {args.stop_at} but the checkpoint is already at step {ckpt['step']}")
-    _load_states(ckpt, path, model, optimizer)
+
+
+def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
+    _load_optimizer(ckpt, path, model, optimizer, args.fsdp)
     checkpoint.set_rng_state(ckpt["rng"][rank()])
     _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
     window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
     return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], window)
 
 
-def _load_states(ckpt: Dict, path: str, model: nn.Module, optimizer) -> None:
-    """This rank's model and the optimizer state from ``ckpt``; a state that does not fit (a queue pointer
-    out of range, a missing key, a tensor of another shape) is a :class:`UsageError` naming it."""
-    try:
+def _load_states(ckpt: Dict, path: str, model: nn.Module) -> None:
+    """This rank's model from ``ckpt``; a state that does not fit (a queue pointer out of range, a missing
+    key, a tensor of another shape) is a :class:`UsageError` naming it."""
+    with _not_fitting(path):
         model.load_state_dict(ckpt["model_per_rank"][rank()], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for p in (p for group in optimizer.param_groups for p in group["params"]):
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.ndim > 0 and value.shape != p.shape:
-                    raise ValueError(f"optimizer state {key} is {tuple(value.shape)}, its parameter {tuple(p.shape)}")
+
+
+def _load_optimizer(ckpt: Dict, path: str, model: nn.Module, optimizer, fsdp: bool) -> None:
+    """The optimizer state from ``ckpt`` (written under DDP or FSDP2 alike); checked like the model's."""
+    with _not_fitting(path):
+        params = list(model.parameters())  # a sharded one's shape is the whole parameter's
+        for i, state in ckpt["optimizer"]["state"].items():  # checked first: FSDP2 would shard a bad one
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape != params[i].shape:
+                    raise ValueError(f"optimizer state {key} is {tuple(value.shape)}, its parameter "
+                                     f"{tuple(params[i].shape)}")
+        _set_optimizer_state(model, optimizer, ckpt["optimizer"], fsdp)
+
+
+@contextlib.contextmanager
+def _not_fitting(path: str):
+    try:
+        yield
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UsageError(f"--resume: {path} does not fit this run: {' '.join(str(e).split())}") from None
 
@@ -436,16 +521,17 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
 
 
-def _save(path: str, model, optimizer, config, progress: _Progress, device) -> None:
+def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp: bool) -> None:
     """Every rank's state is gathered (its own queues), rank 0 checks and writes it, all wait for the
     outcome: a state rank 0 refuses to save (non-finite) or cannot write stops every rank."""
     states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
+    optimizer_state = _optimizer_state(model, optimizer, fsdp)
     windows = checkpoint.gather(torch.tensor(progress.window, dtype=torch.float64))  # unlogged losses
     error = None
     if rank() == 0:
         try:
             checkpoint.save(path, {
-                "model": states[0], "model_per_rank": states, "optimizer": optimizer.state_dict(),
+                "model": states[0], "model_per_rank": states, "optimizer": optimizer_state,
                 "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
                 "config": config, "world_size": world_size(),
                 "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
@@ -460,10 +546,12 @@ def _save(path: str, model, optimizer, config, progress: _Progress, device) -> N
 
 def _finish(args, config, data, model, init_backbone, crops, device, progress: _Progress, path: str) -> None:
     """k-NN evaluation, metrics.json and the summary, on rank 0; the other ranks wait."""
+    backbone = copy.deepcopy(init_backbone).to(device)  # the trained one, unsharded
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in _cpu_state(model).items() if k.startswith("backbone.")})
     if rank() == 0:
         if progress.step == 0:
             raise ValueError("no training step was run")
-        metrics = evaluate(model, init_backbone, data, device, args.knn_k)
+        metrics = evaluate(backbone, init_backbone, data, device, args.knn_k)
         n_crops = crops.n_high + crops.n_low
         metrics.update(
             steps=args.steps, loss_first=progress.loss_first, loss_last=progress.loss_last,
@@ -473,7 +561,7 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         )
         checkpoint.write_atomic(path, lambda f: f.write(report.metrics_text(metrics).encode()))
-        checkpoint.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone)
+        checkpoint.save_backbone(os.path.join(args.out, "backbone.pt"), backbone)
         drawn = plot.write(args.out)
         _say(report.summary(metrics, args.knn_k, args.out, None if drawn else plot.hint(args.out)))
     if world_size() > 1:
