@@ -17,7 +17,8 @@ class MemoryBankModule(nn.Module):
     ``length`` rows. A row with NaN or ±inf (after the cast) is skipped without a host sync: its slot keeps
     its row (the oldest; before full, a zero row, counted as filled). lightly's ``bank`` (storage, (length, 0)
     until D is known) and ``bank_ptr`` (next slot, read-only (1,) long) are not buffers, so DDP cannot
-    broadcast rank 0's queue; ``state_dict()`` saves them and ``bank_filled`` (lightly's state loads empty).
+    broadcast rank 0's queue; ``state_dict()`` saves them and ``bank_filled`` (lightly's state loads empty),
+    as DTensors in the state dict of a sharded model, so that DCP saves each rank's own (see the end).
 
     Args:
         size: queue length (D taken from the first batch), or ``(length, D)``; 0 disables it. Default: 65536
@@ -122,12 +123,10 @@ class MemoryBankModule(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        device = self.bank.device
         state = {"bank": self.bank.clone(),  # a snapshot, as the counters are
-                 "bank_ptr": torch.tensor(self._ptr, device=device),
-                 "bank_filled": torch.tensor(self._filled, device=device)}
+                 "bank_ptr": torch.tensor(self._ptr), "bank_filled": torch.tensor(self._filled)}
         if _sharded(destination):  # each rank's own queue, as DTensors that DCP saves per rank
-            state = {k: _per_rank(v) for k, v in state.items()}
+            state = {k: _per_rank(v.to(self.bank.device)) for k, v in state.items()}
         destination.update({prefix + k: v for k, v in state.items()})
 
     def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_utils import run_distributed
-from swav_core import SwaV, SwaVLoss
+from oracles import assert_matches_oracle, textbook_fp64
+from swav_core import SwaV, SwaVLoss, sinkhorn
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 if not hasattr(fsdp, "fully_shard"):
@@ -78,6 +79,7 @@ def _train(rank, world_size, wrapping, policy=None):
         optimizer.step()
         log.append({
             "loss": loss.detach(), "queue_used": q is not None, "scores_dtype": h[0].dtype,
+            "codes_dtype": sinkhorn(h[0].detach(), gather_distributed=True).dtype,
             "norms": torch.linalg.vector_norm(stored, dim=1), "stored_dtype": weight().dtype,
             "before": before, "after": _full(weight()), "grad_none": grad_none,
             "params": {k: _full(v) for k, v in model.named_parameters()},
@@ -140,6 +142,7 @@ def test_bf16_policy_keeps_prototypes_normalised_and_frozen_in_float32():
             _check_frozen_and_unit_norm(log)
             assert all(r["stored_dtype"] == torch.float32 for r in log)
             assert all(r["scores_dtype"] == torch.bfloat16 for r in log)  # computed in the policy's dtype
+            assert all(r["codes_dtype"] == torch.float32 for r in log)  # Sinkhorn in float32
             assert all(r["loss"].dtype == torch.float32 and torch.isfinite(r["loss"]) for r in log)
             assert any(r["queue_used"] for r in log)
 
@@ -274,3 +277,22 @@ def _readme_example(rank, world_size, folder):
 def test_readme_fsdp_example_runs_as_written_and_keeps_each_ranks_queues():
     with tempfile.TemporaryDirectory() as folder:
         assert run_distributed(_readme_example, 2, folder) == [True, True]
+
+
+def _eval_codes(rank, world_size):
+    model = _model()
+    net = _wrap(model, "prototypes+root").eval()  # BatchNorm on its running statistics: per sample
+    with torch.no_grad():
+        high, _, _ = net(_crops(rank, 0))
+    return sinkhorn(high[0], gather_distributed=True)
+
+
+@pytest.mark.distributed
+def test_sharded_codes_of_unequal_batches_equal_one_process_on_their_concatenation():
+    codes = run_distributed(_eval_codes, 2)
+    model = _model().eval()
+    with torch.no_grad():
+        (high, _), (high_1, _) = _crops(0, 0), _crops(1, 0)
+        scores, _, _ = model(([torch.cat([high[0], high_1[0]])] * 2, []))
+    assert_matches_oracle(torch.cat(codes), textbook_fp64(scores[0]))  # the fp64 textbook on all rows
+    assert [len(c) for c in codes] == list(BATCH)
