@@ -66,7 +66,6 @@ class SwaVLoss(nn.Module):
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.sinkhorn_epsilon = float(sinkhorn_epsilon)
         self.sinkhorn_gather_distributed = bool(sinkhorn_gather_distributed)
-        self._work: Optional[torch.Tensor] = None  # Sinkhorn's scratch on the CPU (see _codes); not state
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
@@ -111,23 +110,14 @@ class SwaVLoss(nn.Module):
         return sum(terms) / (n_high * (len(crops) - 1))
 
     def _codes(self, i: int, z: torch.Tensor, queue: Optional[list]) -> torch.Tensor:
-        """Codes (B, K) of crop i with its queue; on the CPU in a scratch kept between calls (a fresh one costs a
-        third of the call in page faults), the codes copied out. Errors name the loss' arguments."""
-        x = None if queue is None else queue[i]
-        work = None
-        if (torch.is_tensor(x) and x.ndim == 2 and len(x) > 0 and self.sinkhorn_iterations > 0
-                and z.device.type == "cpu" and not torch.compiler.is_compiling()):
-            dtype = torch.float64 if torch.float64 in (z.dtype, x.dtype) else torch.float32
-            if self._work is None or self._work.numel() < x.numel() + z.numel() or self._work.dtype != dtype:
-                self._work = torch.empty(x.numel() + z.numel(), dtype=dtype)
-            work = self._work
+        """Codes (B, K) of crop i with its queue; errors name the loss' arguments. Nothing is kept between
+        calls: one loss may serve several threads."""
         try:
-            q = sinkhorn(z, self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed,
-                         queue=x, work=work)
+            return sinkhorn(z, self.sinkhorn_iterations, self.sinkhorn_epsilon, self.sinkhorn_gather_distributed,
+                            queue=None if queue is None else queue[i])
         except ValueError as error:
             names = f"high_resolution_outputs[{i}]" + ("" if queue is None else f" and queue_outputs[{i}]")
             raise ValueError(f"SwaVLoss: codes of {names}: {error}") from error
-        return q if work is None else q.clone()
 
     def _non_finite_message(self, heads) -> str:
         predictors = [(f"{name}[{h}]" if len(heads) > 1 else name, z) for h, (high, low, _) in enumerate(heads)

@@ -156,6 +156,10 @@ class MemoryBankModule(nn.Module):
             return [f"size mismatch for {prefix}bank: copying a queue of shape {got}, "
                     f"the queue in the current model has shape {(length, dim)}"]
         problems = []
+        if bank.is_floating_point() and not bool(torch.isfinite(bank).all()):  # as a pushed row would not
+            rows = (~torch.isfinite(bank).all(dim=1)).nonzero()[:, 0].tolist()
+            problems.append(f"{prefix}bank holds rows that are not finite (NaN or ±inf), e.g. {rows[:5]}: "
+                            "a queue takes finite rows only")
         for name, v, top in (("bank_ptr", ptr, max(length, 1) - 1), ("bank_filled", filled, length)):
             tensor = torch.is_tensor(v)
             if not tensor or v.ndim or v.dtype == torch.bool or v.is_floating_point() or v.is_complex():

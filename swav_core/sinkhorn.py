@@ -27,7 +27,7 @@ __all__ = ["sinkhorn"]
 
 
 def sinkhorn(out: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gather_distributed: bool = False,
-             queue: Optional[torch.Tensor] = None, work: Optional[torch.Tensor] = None) -> torch.Tensor:
+             queue: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Equipartitioned soft codes Q of SwAV by Sinkhorn-Knopp (§3.1; the algorithm: module docstring).
 
     Equal, up to float32 rounding, to FAIR's / lightly's routine in float64 wherever that stays finite,
@@ -43,8 +43,6 @@ def sinkhorn(out: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gath
             batches (an all-reduce of K-vectors; B may differ across ranks). Default: False.
         queue: scores of N stored samples that share the equipartition; only ``out``'s rows are
             returned, as ``sinkhorn(cat(out, queue))[:B]``. Default: None.
-        work: contiguous scratch of ≥ (B + N)·K elements of the compute dtype, reused across calls (the
-            codes are a view of it): on the CPU a fresh one of SwAV's size costs a third of the call. Default: None.
 
     Shape: out (B, K), queue (N, K) → (B, K), float32 (float64 for float64 input), rows sum to 1; no gradient.
 
@@ -53,11 +51,11 @@ def sinkhorn(out: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gath
         >>> sinkhorn(torch.randn(256, 3000), queue=torch.randn(3840, 3000)).shape
         torch.Size([256, 3000])
     """
-    blocks, iterations, epsilon, dtype = _check(out, queue, iterations, epsilon, gather_distributed, work)
+    blocks, iterations, epsilon, dtype = _check(out, queue, iterations, epsilon, gather_distributed)
     gather = gather_distributed and iterations > 0 and dist.is_available() and dist.is_initialized()
     gather, rows = bool(gather) and dist.get_world_size() > 1, len(out)
     with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
-        e, half_row_max = _shifted_exp(blocks, 2.0 / epsilon, iterations > 0, gather, dtype, work)
+        e, half_row_max = _shifted_exp(blocks, 2.0 / epsilon, iterations > 0, gather, dtype)
         finite = local = torch.isfinite(half_row_max).all()  # NaN, +∞, or a row or column of −∞
         exact = finite  # a softmax per sample spans nothing
         q = e[:rows]
@@ -77,13 +75,13 @@ def sinkhorn(out: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gath
         return q if exact else q.copy_(_log_codes(blocks, iterations, epsilon, gather, rows))
 
 
-def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype, work):
+def _shifted_exp(blocks, scale: float, shift_prototypes: bool, gather: bool, dtype):
     """E = exp((S − m_col − m_row)/ε) in one (B + N, K) buffer, and m_row/2 (B + N,). The scores are
     halved first (exactly), so no difference of finite scores overflows; ``scale`` = 2/ε; no m_col: softmax."""
     n, k, first = sum(len(b) for b in blocks), blocks[0].shape[1], blocks[0]
     # (K,) −m_col/2, or zeros for a softmax ((K,), not 0-dim: the sum below is then taken in ``dtype``)
     shift = _column_max(blocks, gather, dtype).mul_(-0.5) if shift_prototypes else first.new_zeros(k, dtype=dtype)
-    e = first.new_empty((n, k), dtype=dtype) if work is None else work.view(-1)[: n * k].view(n, k)
+    e = first.new_empty((n, k), dtype=dtype)
     for b, part in zip(blocks, e.split([len(b) for b in blocks])):
         torch.add(shift, b.detach(), alpha=0.5, out=part)  # (S − m_col)/2, 0 at each column's max
     half_row_max = e.amax(dim=1)  # (B + N,) m_row/2 ≤ 0
@@ -166,7 +164,7 @@ def _non_finite_message(blocks, iterations: int, elsewhere: bool) -> str:
         f"{' and every prototype' if iterations > 0 else ''} keeps a finite score")
 
 
-def _check(out, queue, iterations, epsilon, gather_distributed, work):
+def _check(out, queue, iterations, epsilon, gather_distributed):
     """The score blocks ([out], or [out, queue] unless the queue is empty or iterations = 0),
     iterations, ε and the compute dtype, after checking every argument (on ε by comparisons only:
     torch.compile traces a symbolic float)."""
@@ -194,10 +192,4 @@ def _check(out, queue, iterations, epsilon, gather_distributed, work):
     if 2.0 / epsilon > torch.finfo(dtype).max:
         raise ValueError(f"epsilon={epsilon!r} is too small for {dtype}: 2/epsilon overflows; "
                          f"use epsilon >= {2.0 / torch.finfo(dtype).max:.1e}")
-    need = sum(len(b) for b in blocks) * out.shape[1]
-    if work is not None and not (isinstance(work, torch.Tensor) and work.is_contiguous() and work.numel() >= need
-                                 and work.dtype == dtype and work.device == out.device):
-        got = f"{work.numel()} {work.dtype} on {work.device}" if isinstance(work, torch.Tensor) else work
-        raise ValueError(f"sinkhorn: work must be a contiguous tensor of >= {need} {dtype} on {out.device}, "
-                         f"got {got!r}")
     return blocks, number, float(epsilon), dtype

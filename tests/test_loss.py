@@ -52,6 +52,33 @@ def test_one_loss_module_keeps_each_call_independent(device):
             assert torch.equal(z.grad, g)
 
 
+def test_one_loss_shared_by_threads_gives_each_call_its_value(device):
+    """4 threads × 20 calls of one SwaVLoss with queues (real threads): every value equals the same call
+    made alone. A loss that keeps a scratch between calls (as it once did on the CPU) mixes them up."""
+    import pickle
+    import threading
+    shared = SwaVLoss()
+    cases = [make_crops(2, 4, 64, 300, [768, 768], seed, device) for seed in range(4)]
+    alone = [SwaVLoss()(*case) for case in cases]
+    got, errors = {}, []
+
+    def calls(t: int) -> None:
+        try:
+            for j in range(20):
+                got[t, j] = shared(*cases[(t + j) % 4])
+        except Exception as e:  # noqa: BLE001 (reported below, with the thread)
+            errors.append((t, e))
+
+    threads = [threading.Thread(target=calls, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and len(got) == 80
+    assert [key for key, value in got.items() if not torch.equal(value, alone[(key[0] + key[1]) % 4])] == []
+    assert len(pickle.dumps(shared)) < 2000  # no buffer travels with it
+
+
 def test_overridden_subloss_is_called_per_pair(device):
     """A subclass' subloss sees each (prediction, code) pair, as in lightly: an override with the same
     formula gives the base loss (which sums the codes first), and every pair v ≠ i is passed once."""

@@ -2,6 +2,7 @@
 on one folder, non-finite state, damaged checkpoints and data, ``kill -9`` during a write, a full disk,
 signals (also under a 2-process torchrun) and a stalled rank each end in one ``error:`` line, the last
 good checkpoint kept and resumable."""
+import contextlib
 import errno
 import os
 import signal
@@ -168,20 +169,22 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_touched(tmp_path, ca
 # --- kill -9 and a full disk ------------------------------------------------------------------------
 
 KILLED_IN_SAVE = textwrap.dedent("""
-    import io, sys, time, torch
-    from swav_core.pretrain import main
-    real, calls = torch.save, []
-    def half_then_hang(obj, f):  # the second checkpoint: half written when the kill comes
-        calls.append(1)
-        if len(calls) < 2:
-            return real(obj, f)
-        buf = io.BytesIO()
-        real(obj, buf)
-        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-        f.flush()
-        print("HALF WRITTEN", flush=True)
-        time.sleep(120)
-    torch.save = half_then_hang
+    import io, sys, time
+    from swav_core.pretrain import checkpoint, main
+    real, calls = checkpoint.write_atomic, []
+    def half_then_hang(path, write):  # the second checkpoint: half written when the kill comes
+        calls.extend([1] if path.endswith("checkpoint.pt") else [])
+        if len(calls) < 2 or not path.endswith("checkpoint.pt"):
+            return real(path, write)
+        def half(f):
+            buf = io.BytesIO()
+            write(buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            print("HALF WRITTEN", flush=True)
+            time.sleep(120)
+        return real(path, half)
+    checkpoint.write_atomic = half_then_hang
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -241,22 +244,39 @@ def test_kill_9_while_log_csv_is_rewritten_loses_no_row(tmp_path):
            [r.split(",")[:3] for r in (tmp_path / "straight" / "log.csv").read_text().splitlines()]
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint_without_an_orphan(tmp_path, capsys, monkeypatch):
-    real = torch.save
+@contextlib.contextmanager
+def _tmpfs(path, size: str, *options: str):
+    """A real tmpfs of ``size`` mounted at ``path`` (root only, as CI runs: skipped elsewhere)."""
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)]
+    done = subprocess.run(mount, capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
-    def disk_full_after_step_5(obj, f):
-        if isinstance(obj, dict) and obj.get("step", 0) > 5:
-            f.write(b"PK\x03\x04 partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f)
 
-    monkeypatch.setattr(torch, "save", disk_full_after_step_5)
-    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "12")
-    path = tmp_path / "checkpoint.pt"
-    assert message == f"cannot write {path}: No space left on device; the file there is unchanged"
-    assert checkpoint.load(str(path))["step"] == 5 and not list(tmp_path.glob("*.tmp"))
-    monkeypatch.setattr(torch, "save", real)  # space freed
-    assert _job(tmp_path, "--steps", "12", "--resume") == 0 and _ckpt(tmp_path)["step"] == 12
+def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint_without_an_orphan(tmp_path, capsys):
+    """--out on a 48 KiB tmpfs: the step-5 checkpoint (32 KiB) fits, the step-10 one (beside it) does not."""
+    with _tmpfs(tmp_path / "small", "48k") as out:
+        message = _failed(capsys, 1, "--out", str(out), *TINY, "--steps", "12")
+        assert message == f"cannot write {out / 'checkpoint.pt'}: No space left on device; the file there is unchanged"
+        assert checkpoint.load(str(out / "checkpoint.pt"))["step"] == 5 and not list(out.glob("*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=1m", str(out)], check=True)  # space freed
+        assert _job(out, "--steps", "12", "--resume") == 0 and _ckpt(out)["step"] == 12
+
+
+def test_no_space_at_all_or_a_read_only_folder_is_one_line(tmp_path, capsys):
+    with _tmpfs(tmp_path / "full", "16k") as out:
+        (out / "mine.bin").write_bytes(b"\0" * 16384)  # the user's file fills it; the job must leave it
+        message = _failed(capsys, 1, "--out", str(out), *TINY, "--steps", "12")
+        assert message.startswith(f"cannot write {out / 'log.csv'}: No space left on device")
+        assert sorted(p.name for p in out.iterdir()) == ["mine.bin"]  # no lock, no temporary file left
+    with _tmpfs(tmp_path / "read-only", "16k", "ro") as out:
+        message = _failed(capsys, 1, "--out", str(out), *TINY, "--steps", "12")
+        assert message == f"cannot create {out / '.lock'}: Read-only file system"
 
 
 # --- signals --------------------------------------------------------------------------------------
@@ -382,3 +402,90 @@ def test_a_stalled_rank_ends_the_run_after_dist_timeout_with_a_clear_message(tmp
     assert line.startswith("python -m swav_core.pretrain: error: rank 0: Timed out waiting 5000ms"), line
     assert "(--dist-timeout 5 s): another process stalled or died; the last checkpoint is " in line
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] >= 4
+
+
+# --- round two: real faults (issue 18) --------------------------------------------------------------
+
+def test_a_fresh_run_removes_only_its_own_temporary_files(tmp_path):
+    out = tmp_path / "n"
+    out.mkdir()
+    (out / "draft.tmp").write_text("x")  # the user's
+    (out / "x.tmp").mkdir()
+    (out / "checkpoint.pt.tmp").write_bytes(b"half")  # what a killed job of ours left
+    assert _job(out, "--steps", "4") == 0
+    assert (out / "draft.tmp").read_text() == "x" and (out / "x.tmp").is_dir()
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_flipped_bytes_in_the_checkpoint_are_refused_naming_the_file(tmp_path, capsys):
+    import zipfile
+    assert _job(tmp_path, "--steps", "12", "--stop-at", "5") == 0
+    path = tmp_path / "checkpoint.pt"
+    with zipfile.ZipFile(path) as records:  # the largest tensor record: the queue banks' storage
+        info = max(records.infolist(), key=lambda i: i.file_size)
+        start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data = bytearray(path.read_bytes())
+    data[start + info.file_size // 2] ^= 0x40  # one bit of one float
+    path.write_bytes(bytes(data))
+    message = _refused(capsys, "--out", str(tmp_path), "--resume")
+    assert message.startswith(f"--resume: {path} is damaged: its record {info.filename} fails its CRC-32 check")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "no header", "binary"])
+def test_a_damaged_log_csv_is_one_line_and_the_run_resumes(tmp_path, capsys, damage):
+    assert _job(tmp_path, "--steps", "12", "--stop-at", "8") == 0  # rows for steps 4 and 8
+    log = tmp_path / "log.csv"
+    header, *rows = log.read_text().splitlines()
+    damaged = {"garbage": f"{header}\n{rows[0]}\nnot,a,row\n{rows[1]}\n",
+               "no header": f"{rows[0]}\n{rows[1]}\n",
+               "binary": None}[damage]
+    log.write_bytes(os.urandom(300) if damaged is None else damaged.encode())
+    original = log.read_bytes()
+    capsys.readouterr()
+    assert _job(tmp_path, "--steps", "12", "--resume") == 0
+    printed = capsys.readouterr().out
+    kept = [] if damage == "binary" else rows
+    assert log.read_text().splitlines()[: 1 + len(kept)] == [header, *kept]
+    assert [int(r.split(",")[0]) for r in log.read_text().splitlines()[1:]] == [s for s in (4, 8, 12) if
+                                                                                  damage != "binary" or s > 8]
+    if damage != "no header":  # a lost header alone damages nothing that can be read
+        assert f"{log}: " in printed and "damaged line(s) dropped" in printed
+        assert (tmp_path / "log.csv.damaged").read_bytes() == original
+
+
+def test_a_row_cut_short_is_dropped_on_resume(tmp_path):
+    assert _job(tmp_path, "--steps", "12", "--stop-at", "8") == 0
+    log = tmp_path / "log.csv"
+    text = log.read_text()
+    log.write_text(text + text.splitlines()[-1][:7])  # a row cut by a full disk or a kill: no line end
+    assert _job(tmp_path, "--steps", "12", "--resume") == 0
+    assert [r.split(",")[0] for r in log.read_text().splitlines()] == ["step", "4", "8", "12"]
+    assert not (tmp_path / "log.csv.damaged").exists()
+
+
+def test_a_full_disk_while_appending_to_log_csv_says_what_is_on_disk(tmp_path, capsys):
+    """A real 32 KiB tmpfs that the user's own file fills but for the lock's and log.csv's pages: log.csv
+    fills its page row by row, and the row that needs a second page finds none."""
+    with _tmpfs(tmp_path / "small", "32k") as out:
+        (out / "mine.bin").write_bytes(b"\0" * 24576)
+        message = _failed(capsys, 1, "--out", str(out), *TINY, "--steps", "400", "--log-every", "1",
+                          "--ckpt-every", "1000")
+        assert message == f"cannot write {out / 'log.csv'}: No space left on device; no checkpoint saved"
+        assert (out / "mine.bin").stat().st_size == 24576 and not (out / ".lock").exists()
+
+
+EDITED = [("lr", -1.0, "expected"), ("log_every", 0, "expected an int >= 1"), ("epsilon", 0.0, "expected"),
+          ("seed", "a", "invalid literal"), ("optimizer", "lamb", "expected one of"), ("amp", "yes", "True or False"),
+          ("high_scale", (0.5, 0.1), ""), ("widths", "x", ""), ("batch_size", 1, "BatchNorm needs 2 samples")]
+
+
+@pytest.mark.parametrize("key, value, says", EDITED, ids=[k for k, _, _ in EDITED])
+def test_an_edited_checkpoint_config_is_checked_as_the_command_line(tmp_path, capsys, key, value, says):
+    assert _job(tmp_path, "--steps", "12", "--stop-at", "5") == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["config"][key] = value
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    message = _refused(capsys, "--out", str(tmp_path), "--resume")
+    option = "--" + key.replace("_", "-")
+    assert message.startswith(f"--resume: {tmp_path / 'checkpoint.pt'} holds an invalid option {option} {value!r}: ")
+    assert says in message

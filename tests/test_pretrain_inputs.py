@@ -22,9 +22,10 @@ def _refused(capsys, *argv):
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.splitlines()[-1].startswith("python -m swav_core.pretrain: error: ")
-    return err.splitlines()[-1].split("error: ", 1)[1]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m swav_core.pretrain: error: "), err  # no usage text
+    assert err[0].endswith(" (--help lists the options)")
+    return err[0].split("error: ", 1)[1][: -len(" (--help lists the options)")]
 
 
 def _folder(tmp_path, files):

@@ -63,16 +63,3 @@ def test_isolated_minus_inf_means_never_assigned(device):
     q = sinkhorn(scores)
     assert q[2, 1] == 0 and torch.isfinite(q).all()
     assert_matches_oracle(q, textbook_fp64(scores))
-
-
-def test_work_buffer_gives_the_same_codes_and_bad_ones_raise(device):
-    """``work=`` (a reused scratch) changes nothing but where the codes live; a buffer of the wrong size,
-    dtype or device is refused naming ``work``."""
-    scores, queue = cosine_scores(6, 5, device), cosine_scores(9, 5, device, seed=1)
-    work = torch.full((6 * 5 + 9 * 5 + 7,), float("nan"), device=device)  # larger than needed, stale values
-    q = sinkhorn(scores, queue=queue, work=work)
-    assert torch.equal(q, sinkhorn(scores, queue=queue)) and q.data_ptr() == work.data_ptr()
-    for bad in (torch.empty(10, device=device), torch.empty(200, dtype=torch.float64, device=device),
-                torch.empty(200, device=device)[::2], "buffer"):
-        with pytest.raises(ValueError, match="work must be a contiguous tensor of >= 75 torch.float32"):
-            sinkhorn(scores, queue=queue, work=bad)

@@ -24,8 +24,10 @@ It holds only tensors, containers and plain values, so :func:`load` reads it wit
 """
 import argparse
 import contextlib
+import io
 import math
 import os
+import zipfile
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -141,7 +143,9 @@ def save(path: str, ckpt: Dict[str, Any]) -> None:
         at = f"after step {ckpt['step']}: " if "step" in ckpt else ""
         raise JobError(f"{at}{bad} holds NaN or inf; {path} not written, the last good one is kept "
                        f"(lower --lr or raise --epsilon, then --resume)")
-    write_atomic(path, lambda f: torch.save(ckpt, f))
+    data = io.BytesIO()  # serialised first: torch.save into the file wraps a full disk in a RuntimeError
+    torch.save(ckpt, data)
+    write_atomic(path, lambda f: f.write(data.getbuffer()))
 
 
 def load(path: str) -> Dict[str, Any]:
@@ -153,8 +157,15 @@ def load(path: str) -> Dict[str, Any]:
     # Older checkpoints hold the torch version as a TorchVersion, not a str (safe_globals: torch >= 2.5).
     allow = getattr(torch.serialization, "safe_globals", lambda _: contextlib.nullcontext())([TorchVersion])
     try:
+        with zipfile.ZipFile(path) as records:  # torch.load does not check the records' CRC-32
+            damaged = records.testzip()
+        if damaged is not None:
+            raise UsageError(f"--resume: {path} is damaged: its record {damaged} fails its CRC-32 check (changed "
+                             "bytes); resume from a copy, or start afresh with --overwrite")
         with allow:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}); "
                          f"expected a checkpoint.pt written by this job") from e
@@ -197,26 +208,44 @@ def problem(ckpt: Dict[str, Any]) -> Optional[str]:
 @contextlib.contextmanager
 def lock(folder: str) -> Iterator[None]:
     """Hold ``folder/.lock`` (``fcntl.flock``, POSIX) for the duration: a second job on the folder is a
-    :class:`UsageError` naming the holder's pid. The kernel releases the lock when its holder ends, even
-    by ``kill -9``, so a lock left by a dead process is simply taken over."""
+    :class:`UsageError` naming the holder's pid. The holder removes the file as it ends; the kernel releases
+    the lock of a holder that dies (even by ``kill -9``), so a lock left by a dead process is taken over. A
+    folder where the file cannot be made (read-only, no space) is a :class:`JobError` naming it."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
         yield
         return
-    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    path = os.path.join(folder, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise JobError(f"cannot create {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise UsageError(f"--out {folder!r} is in use by another run (pid {holder}); wait for it to end, "
                              f"or use another --out") from None
+        try:  # the file may have been removed by a holder that ended between our open and flock: again
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the pid is only for the message of a second job
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a new holder)
+        with contextlib.suppress(OSError):
+            os.remove(path)  # still holding the lock: a job that opened the old file sees it gone
+        os.close(fd)
 
 
 RUN_FILES = ("checkpoint.pt", "log.csv", "metrics.json", "backbone.pt")
@@ -225,10 +254,11 @@ RUN_FILES = ("checkpoint.pt", "log.csv", "metrics.json", "backbone.pt")
 def clear(folder: str, old_run: bool) -> None:
     """Remove the temporary files a killed job left in ``folder``, and with ``old_run`` the files of
     the run it held (:data:`RUN_FILES` and ``loss.png``: ``--overwrite``). Call it holding :func:`lock`."""
-    names = [n for n in os.listdir(folder) if n.endswith(".tmp")]
-    names += [n for n in RUN_FILES + ("loss.png",) if old_run and os.path.exists(os.path.join(folder, n))]
-    for name in names:
-        os.remove(os.path.join(folder, name))
+    ours = RUN_FILES + ("loss.png",)  # only the names this job writes, never a user's own *.tmp
+    names = [n + ".tmp" for n in ours] + [n for n in ours if old_run]
+    for path in (os.path.join(folder, n) for n in names):
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
 
 
 def normalised(option: str, value: Any) -> Any:

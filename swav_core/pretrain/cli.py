@@ -10,7 +10,7 @@ from . import plot
 from .data import INPUT_RANGE, JobError, UsageError
 from .train import run
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "check_options", "main"]
 
 DESCRIPTION = """\
 Pretrain a small CNN with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate its
@@ -105,10 +105,18 @@ def _widths(text: str) -> Tuple[int, ...]:
             f"expected positive ints separated by commas (e.g. 16,32,64), got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, exit code 2: no usage text (26 lines, twice that under torchrun) before it."""
+        self.exit(2, f"{self.prog}: error: {message} {HELP_POINTER}\n")
+
+
+HELP_POINTER = "(--help lists the options)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The job's options, in three groups: the run, SwAV, crops and optimisation."""
-    p = argparse.ArgumentParser(prog="python -m swav_core.pretrain", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=_Formatter)
+    p = _Parser(prog="python -m swav_core.pretrain", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"swav-core {__version__}")
     p.add_argument("--plot", metavar="DIR", default=None, help="only draw DIR/loss.png from DIR/log.csv, then exit")
     _run_options(p.add_argument_group("run"))
@@ -217,6 +225,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the job's handlers were installed
         print(f"{parser.prog}: error: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr, flush=True)
         return 130
+
+
+def check_options(options: dict, path: str) -> None:
+    """Every option stored in a checkpoint (``path``) as the command line would take it: an edited value
+    is a :class:`UsageError` naming it, not a traceback later."""
+    for action in build_parser()._actions:
+        if action.dest not in options or action.dest in ("help", "version"):
+            continue
+        value, error = options[action.dest], None
+        if action.nargs == 0:  # a flag
+            error = None if isinstance(value, bool) else "expected True or False"
+        elif value is not None or action.default is not None:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            try:
+                parsed = action.type(text) if action.type else text
+                error = None if not action.choices or parsed in action.choices else f"expected one of {action.choices}"
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                error = str(e)
+        if error:
+            raise UsageError(f"--resume: {path} holds an invalid option {action.option_strings[0]} {value!r}: {error}")
 
 
 def _given(parser: argparse.ArgumentParser, argv: Optional[List[str]], dests) -> dict:

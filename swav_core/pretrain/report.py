@@ -3,8 +3,9 @@
 import csv
 import io
 import json
+import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .data import JobError
 
@@ -54,17 +55,38 @@ def read_log(path: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def kept_log(path: str, keep_until_step: int) -> str:
+def kept_log(path: str, keep_until_step: int) -> Tuple[str, int]:
     """The text of a fresh ``log.csv`` holding the rows of ``path`` for steps ≤ ``keep_until_step`` (those
-    a resume keeps; none for a new run), for an atomic rewrite. A row cut short by a kill is dropped."""
-    rows = []
+    a resume keeps; none for a new run), for an atomic rewrite, and the number of damaged lines dropped
+    (not rows of :data:`LOG_FIELDS`: garbage, binary, a lost header). A last row cut short by a kill or a
+    full disk (no line end) is dropped too, uncounted."""
+    rows, damaged = [], 0
     if keep_until_step > 0 and os.path.isfile(path):
-        rows = [r for r in read_log(path) if None not in r.values() and int(r["step"]) <= keep_until_step]
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").split("\n")[:-1]  # after the last \n: cut short
+        header = ",".join(LOG_FIELDS)
+        for line in lines[1:] if lines[:1] == [header] else lines:
+            row = _log_row(line.rstrip("\r"))
+            damaged += row is None
+            if row is not None and int(row["step"]) <= keep_until_step:
+                rows.append(row)
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=LOG_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    return text.getvalue()
+    return text.getvalue(), damaged
+
+
+def _log_row(line: str) -> Optional[Dict[str, str]]:
+    """``line`` as a row of ``log.csv`` (a step ≥ 1, then numbers), or None."""
+    values = line.split(",")
+    try:
+        if len(values) == len(LOG_FIELDS) and int(values[0]) >= 1 and all(
+                math.isfinite(float(v)) for v in values[1:]):
+            return dict(zip(LOG_FIELDS, values))
+    except ValueError:
+        pass
+    return None
 
 
 def append_log(path: str, row: Dict[str, Any]) -> None:
@@ -75,7 +97,7 @@ def append_log(path: str, row: Dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:  # a full disk: a row cut short is dropped by the next resume (kept_log)
-        raise JobError(f"cannot write {path}: {e.strerror or e}; the last checkpoint is kept") from e
+        raise JobError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def metrics_text(metrics: Dict[str, Any]) -> str:

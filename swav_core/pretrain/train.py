@@ -290,6 +290,8 @@ def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
     ckpt = checkpoint.load(path) if args.resume else None
     if ckpt is not None:
         given = {k: v for k, v in vars(args).items() if v is not None} if given is None else given
+        from .cli import check_options  # (cli imports this module)
+        check_options(ckpt["config"], path)
         args = checkpoint.resumed_options(ckpt["config"], args, given)
     _check_args(args)
     device, owns_group = _setup_distributed(args.device, args.dist_timeout)
@@ -384,7 +386,10 @@ def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: Sto
         _train_step(args, step, loader, len(data.train), crops, net, loss_fn, optimizer, device, progress)
         # Not at --stop-at: a stopped and resumed run logs the same rows as an uninterrupted one.
         if progress.step % args.log_every == 0 or progress.step == args.steps:
-            _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
+            try:
+                _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
+            except JobError as e:  # log.csv could not be written (a full disk): say what is on disk
+                raise JobError(f"{e}; {stop.last_saved()}") from None
         interrupted = stop.requested_anywhere(device)
         if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
             _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp)
@@ -407,7 +412,13 @@ def _first_writes(args, log_path: str, step: int) -> None:
     """With everything checked: remove what a killed job left (and the old run with ``--overwrite``),
     then rewrite log.csv atomically, keeping a resumed run's rows up to ``step``."""
     checkpoint.clear(args.out, old_run=args.overwrite)
-    text = report.kept_log(log_path, step)
+    text, damaged = report.kept_log(log_path, step)
+    if damaged:  # the rows that could be read go on; the file as it was stays beside them
+        with open(log_path, "rb") as f:
+            original = f.read()
+        checkpoint.write_atomic(log_path + ".damaged", lambda f: f.write(original))
+        _say(f"{log_path}: {damaged} damaged line(s) dropped, the readable rows kept; the file as it was "
+             f"is {log_path}.damaged")
     checkpoint.write_atomic(log_path, lambda f: f.write(text.encode()))
 
 
