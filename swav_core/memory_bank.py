@@ -1,4 +1,5 @@
 """A FIFO ring buffer of feature vectors: SwAV's queue (Caron et al., 2020, §4 "small batches")."""
+import functools
 import math
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
@@ -8,6 +9,20 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["MemoryBankModule"]
+
+
+def _eager(recursive: bool = True):
+    """``torch.compiler.disable``, asked for only while compiling (importing torch._dynamo takes a second):
+    under torch.compile the queue's Python counters and the checks run eagerly instead of being guarded
+    on (a recompilation per step)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if not torch.compiler.is_compiling():
+                return fn(*args, **kwargs)
+            return torch.compiler.disable(fn, recursive=recursive)(*args, **kwargs)
+        return call
+    return wrap
 
 
 class MemoryBankModule(nn.Module):
@@ -62,6 +77,7 @@ class MemoryBankModule(nn.Module):
         stored = self.bank[: self._filled]  # (n, D), slot order
         return stored.roll(-self._ptr, 0) if ordered else stored  # the oldest row is at the pointer
 
+    @_eager()
     @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
         """Append a batch (B, D), overwriting the oldest rows once full; all-gathered if requested."""
@@ -237,3 +253,4 @@ def _own_part(value, ndim: int):
     if distributed and torch.is_tensor(value) and value.ndim == ndim + 1 and len(value) == dist.get_world_size():
         return value[dist.get_rank()]
     return value
+

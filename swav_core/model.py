@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import nn
 
 from .heads import SwaVProjectionHead, SwaVPrototypes
-from .memory_bank import MemoryBankModule
+from .memory_bank import MemoryBankModule, _eager
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head
 
@@ -67,6 +67,7 @@ class SwaV(nn.Module):
         return (f"num_ftrs={self.num_ftrs}, queue_length={self.queue_length}, start_queue_at_epoch="
                 f"{self.start_queue_at_epoch}, group_crops_by_resolution={self.group_crops_by_resolution}")
 
+    @_eager(recursive=False)
     def __call__(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], epoch: Optional[int] = None,
                  step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
         high, low, epoch = self._check_input(input, epoch, step)  # before any state changes
@@ -135,6 +136,7 @@ class SwaV(nn.Module):
         h = torch.cat([self._backbone(rearrange(r, "v b ... -> (v b) ...")) for r in runs])  # (V·B, D_in)
         return F.normalize(self.projection_head(h), dim=1)
 
+    @_eager()
     @torch.no_grad()
     def _queue_scores(self, high_z: torch.Tensor, epoch: int, step: Optional[int]) -> Optional[List[Scores]]:
         """Once every queue is full and ``epoch >= start_queue_at_epoch``, its rows scored in slot order, no

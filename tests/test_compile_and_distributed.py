@@ -34,6 +34,47 @@ def test_compile_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_compiled_swav_training_compiles_a_bounded_number_of_times_and_matches_eager(device):
+    """torch.compile(model) of a SwaV with queues and frozen prototypes: the queue bookkeeping and the
+    argument checks run eagerly (graph breaks), the step becomes symbolic after one recompilation, and
+    nothing compiles again over 12 steps (the queue fills at step 4, the prototypes unfreeze at step 3);
+    losses, frozen prototypes and queues as in eager."""
+    from torch import nn
+    from torch._dynamo.utils import counters
+    from swav_core import SwaV
+
+    def trained(compile_it: bool):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        model = SwaV(backbone, 8, 6, 10, n_queues=2, queue_length=16, n_steps_frozen_prototypes=3).to(device)
+        net = torch.compile(model) if compile_it else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        log = []
+        for step in range(12):
+            g = torch.Generator().manual_seed(step)
+            crops = ([torch.randn(4, 3, 10, 10, generator=g).to(device) for _ in range(2)],
+                     [torch.randn(4, 3, 6, 6, generator=g).to(device)])
+            before = model.prototypes.heads[0].weight.detach().clone()
+            loss = SwaVLoss()(*net(crops, epoch=0, step=step))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            moved = not torch.equal(before, model.prototypes.heads[0].weight)
+            log.append((loss.detach(), moved, counters["stats"]["unique_graphs"]))
+        return log, [q.features() for q in model.queues]
+
+    torch._dynamo.reset()
+    counters.clear()
+    (compiled, queues), (eager, eager_queues) = trained(True), trained(False)
+    graphs = [g for _, _, g in compiled]
+    assert graphs[2:] == [graphs[2]] * 10 and graphs[2] <= 8, graphs  # no compilation after step 1
+    assert [m for _, m, _ in compiled] == [m for _, m, _ in eager] == [True] + [False] * 2 + [True] * 9
+    torch.testing.assert_close(torch.stack([l for l, _, _ in compiled]), torch.stack([l for l, _, _ in eager]),
+                               rtol=1e-4, atol=1e-5)
+    for a, b in zip(queues, eager_queues):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ---- distributed: two gloo processes ------------------------------------------------------------
 
 

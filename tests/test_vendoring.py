@@ -21,13 +21,20 @@ SETS = {
 
 RUNNER = textwrap.dedent(
     """
-    import doctest, importlib, importlib.abc, sys
+    import doctest, importlib, importlib.abc, importlib.util, sys
     BLOCKED = {"swav_core", "hypothesis", "pytest", "lightly", "torchvision"}
 
-    class Block(importlib.abc.MetaPathFinder):
+    class Refuse(importlib.abc.Loader):
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ImportError(f"vendored code must not import {module.__name__}")
+
+    class Block(importlib.abc.MetaPathFinder):  # torch may look for them (torch._dynamo does), not import them
         def find_spec(self, name, path, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"vendored code must not import {name}")
+                return importlib.util.spec_from_loader(name, Refuse())
 
     sys.meta_path.insert(0, Block())
     sys.path.insert(0, sys.argv[2])  # -I: no PYTHONPATH, no current folder
