@@ -439,7 +439,7 @@ def test_a_damaged_log_csv_is_one_line_and_the_run_resumes(tmp_path, capsys, dam
     damaged = {"garbage": f"{header}\n{rows[0]}\nnot,a,row\n{rows[1]}\n",
                "no header": f"{rows[0]}\n{rows[1]}\n",
                "binary": None}[damage]
-    log.write_bytes(os.urandom(300) if damaged is None else damaged.encode())
+    log.write_bytes(bytes((i * 37) % 256 for i in range(600)) if damaged is None else damaged.encode())
     original = log.read_bytes()
     capsys.readouterr()
     assert _job(tmp_path, "--steps", "12", "--resume") == 0
@@ -489,3 +489,35 @@ def test_an_edited_checkpoint_config_is_checked_as_the_command_line(tmp_path, ca
     option = "--" + key.replace("_", "-")
     assert message.startswith(f"--resume: {tmp_path / 'checkpoint.pt'} holds an invalid option {option} {value!r}: ")
     assert says in message
+
+
+def _nan_crops_at(monkeypatch, steps):
+    """A low-resolution crop of NaN at the given 0-based steps (as an fp16 overflow or a bad sample would give)."""
+    from swav_core import MultiCrop
+    real, calls = MultiCrop.__call__, []
+
+    def call(self, x, generator=None):
+        high, low = real(self, x, generator=generator)
+        calls.append(1)
+        if len(calls) - 1 in steps:
+            low[0] = torch.full_like(low[0], float("nan"))
+        return high, low
+
+    monkeypatch.setattr(MultiCrop, "__call__", call)
+
+
+def test_a_non_finite_batch_is_skipped_with_one_line_and_counted(tmp_path, capsys, monkeypatch):
+    _nan_crops_at(monkeypatch, {2})
+    assert _job(tmp_path, "--steps", "8") == 0  # checkpoints at 5 and 8: finite BatchNorm statistics
+    printed = capsys.readouterr().out
+    assert printed.count("step 3: the crops are not finite (a bad batch): step skipped, BatchNorm statistics and "
+                         "queues restored (1 skipped so far") == 1
+    rows = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()]
+    assert rows[0][-1] == "skipped" and [r[-1] for r in rows[1:]] == ["1", "1"]
+    assert _ckpt(tmp_path)["skipped"] == 1
+
+
+def test_several_bad_batches_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch):
+    _nan_crops_at(monkeypatch, {2, 3, 4, 5})
+    message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "12")
+    assert message.startswith("the crops are not finite at steps 3-6 (NaN or inf in the data")

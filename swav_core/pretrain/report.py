@@ -12,7 +12,7 @@ from .data import JobError
 __all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "kept_log",
            "append_log", "metrics_text"]
 
-LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed")
+LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed", "skipped")
 
 
 def duration(seconds: float) -> str:

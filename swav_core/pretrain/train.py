@@ -322,6 +322,8 @@ class _Progress:
     loss_first: Optional[float] = None  # the first and last log.csv rows' loss (window means)
     loss_last: Optional[float] = None
     seconds: float = 0.0  # time spent in training steps, over all sessions of the run
+    skipped: int = 0  # steps skipped for scores that were not finite (a bad batch), over the run
+    skipped_in_a_row: int = 0
     window: List[float] = field(default_factory=list)  # losses since the last progress line
     # When, and after which step, this session and its current window began: crops/s counts the
     # window's steps, the ETA all of this session's (after a resume, ``window`` also holds losses
@@ -446,7 +448,8 @@ def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
     checkpoint.set_rng_state(ckpt["rng"][rank()])
     _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
     window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
-    return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], window)
+    return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], ckpt.get("skipped", 0),
+                     ckpt.get("skipped_in_a_row", 0), window)
 
 
 def _load_states(ckpt: Dict, path: str, model: nn.Module) -> None:
@@ -486,8 +489,15 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     generator = torch.Generator().manual_seed(derive_seed("crops", args.seed, step, rank()))
     high, low = crops(x, generator=generator)
     epoch = step * args.batch_size * world_size() // n
+    model = net.module if isinstance(net, DistributedDataParallel) else net
+    before = _running_state(model)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         loss = _loss(net, loss_fn, (high, low), epoch, step)
+    if _any_rank(loss is None, device):  # on every rank alike: no backward, no optimizer step
+        _skip(model, before, step, progress)
+        progress.seconds += time.perf_counter() - t0
+        return
+    progress.skipped_in_a_row = 0
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -500,23 +510,57 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
 
 
 _DIVERGED = "stopped, the last checkpoint is kept (lower --lr or raise --epsilon, then --resume)"
+_SKIPS_IN_A_ROW = 3  # more bad batches in a row than this: the data keeps failing, stop
 
 
-def _loss(net, loss_fn: SwaVLoss, crops, epoch: int, step: int) -> torch.Tensor:
-    """The loss of one step's ``crops`` (high, low); scores that are not finite (a diverged model,
-    which the loss refuses) end the run with one line, not a traceback."""
+def _loss(net, loss_fn: SwaVLoss, crops, epoch: int, step: int) -> Optional[torch.Tensor]:
+    """The loss of one step's ``crops`` (high, low), or None for a bad batch: crops that are not finite,
+    whose scores the loss refuses (or, under torchrun, another rank's). Scores that are not finite from
+    finite crops (a diverged model) end the run with one line, not a traceback."""
     high, low, queue = net(crops, epoch=epoch, step=step)
     try:
         return loss_fn(high, low, queue)
     except ValueError:
-        if all(bool(torch.isfinite(s).all()) for s in high + low):
+        scores_finite = all(bool(torch.isfinite(s).all()) for s in high + low)
+        if scores_finite and not _distributed():
             raise
+    if scores_finite or not all(bool(torch.isfinite(x).all()) for x in crops[0] + crops[1]):
+        return None
     raise JobError(f"the scores are not finite at step {step + 1}: {_DIVERGED}")
+
+
+def _running_state(model: SwaV) -> Dict:
+    """What a forward changes besides the parameters: BatchNorm statistics and the queues (a copy)."""
+    queues = [q.state_dict() for q in model.queues] if model.queues is not None else []
+    return {"buffers": {k: v.clone() for k, v in model.named_buffers()}, "queues": queues}
+
+
+def _skip(model: SwaV, before: Dict, step: int, progress: _Progress) -> None:
+    """Skip step ``step`` (a batch whose scores were not finite, as a GradScaler skips an overflow): the
+    BatchNorm statistics and queues go back to ``before``; the optimizer does not step."""
+    for name, buffer in model.named_buffers():
+        buffer.copy_(before["buffers"][name])
+    for queue, state in zip(model.queues or [], before["queues"]):
+        queue.load_state_dict(state)
+    progress.step, progress.skipped = step + 1, progress.skipped + 1
+    progress.skipped_in_a_row += 1
+    if progress.skipped_in_a_row > _SKIPS_IN_A_ROW:
+        raise JobError(f"the crops are not finite at steps {step + 2 - progress.skipped_in_a_row}-{step + 1} (NaN or "
+                       f"inf in the data, or --amp overflowing): stopped; check the data, then --resume")
+    _say(f"step {step + 1}: the crops are not finite (a bad batch): step skipped, BatchNorm statistics and "
+         f"queues restored ({progress.skipped} skipped so far, log.csv column 'skipped')")
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True when ``flag`` is True on any rank (a collective: every rank calls it)."""
+    return bool(_sum_over_ranks(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
 def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path: str, device) -> None:
     """A progress line and a log.csv row: the mean loss over all ranks since the last line; crops/s
     from the steps run in this session since then, the ETA from all of this session's steps."""
+    if not progress.window:  # every step since the last row was skipped (the same on every rank)
+        return
     mean = sum(progress.window) / len(progress.window)
     mean = _sum_over_ranks(torch.tensor([mean], device=device)).item() / world_size()
     progress.loss_first = mean if progress.loss_first is None else progress.loss_first
@@ -528,7 +572,8 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     if rank() == 0:
         _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * per_step))
         report.append_log(path, dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
-                                     crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}"))
+                                     crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}",
+                                     skipped=progress.skipped))
     progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
 
 
@@ -546,6 +591,7 @@ def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp
                 "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
                 "config": config, "world_size": world_size(),
                 "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
+                "skipped": progress.skipped, "skipped_in_a_row": progress.skipped_in_a_row,
                 "torch": str(torch.__version__), "swav_core": __version__,
             })
         except JobError as e:
