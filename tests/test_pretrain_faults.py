@@ -39,8 +39,9 @@ def _failed(capsys, code, *argv):
 def _start(out, *args, **popen):
     """The job in a subprocess, its output read line by line."""
     cmd = [sys.executable, "-m", "swav_core.pretrain", "--out", str(out), *TINY, *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(OMP_NUM_THREADS="1"), start_new_session=True, **popen)
+    options = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(OMP_NUM_THREADS="1"),
+                   start_new_session=True)
+    return subprocess.Popen(cmd, **{**options, **popen})
 
 
 def _wait_for(proc, prefix, count=1, limit_s=120):
@@ -521,3 +522,56 @@ def test_several_bad_batches_in_a_row_stop_the_run(tmp_path, capsys, monkeypatch
     _nan_crops_at(monkeypatch, {2, 3, 4, 5})
     message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "12")
     assert message.startswith("the crops are not finite at steps 3-6 (NaN or inf in the data")
+
+
+def _pt_folder(folder, n=64):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        torch.save(torch.rand(1, 16, 16, generator=g), folder / f"{i:03d}.pt")
+    return folder
+
+
+def test_a_data_folder_changed_between_sessions_is_refused_and_a_moved_one_accepted(tmp_path, capsys):
+    data, out = _pt_folder(tmp_path / "data"), tmp_path / "run"
+    assert _job(out, "--data", str(data), "--steps", "8", "--stop-at", "4") == 0
+    (data / "010.pt").rename(tmp_path / "010.pt")  # one file gone: 63 samples
+    message = _refused(capsys, "--out", str(out), "--resume")
+    assert message == f"--resume: --data {str(data)!r} changed since the checkpoint: 010.pt removed; restore it, " \
+                      f"or start a new run with --overwrite"
+    (tmp_path / "010.pt").rename(data / "010.pt")
+    torch.save(torch.rand(1, 16, 16), data / "999.pt")
+    assert "999.pt added" in _refused(capsys, "--out", str(out), "--resume")
+    (data / "999.pt").unlink()
+    moved = data.rename(tmp_path / "moved")
+    assert "the --data folder" in _refused(capsys, "--out", str(out), "--resume")  # gone: give its new place
+    assert _job(out, "--resume", "--data", str(moved)) == 0
+    assert _job(tmp_path / "straight", "--data", str(moved), "--steps", "8") == 0
+    _assert_states_equal(_ckpt(tmp_path / "straight")["model"], _ckpt(out)["model"])
+
+
+@pytest.mark.parametrize("fault", ["deleted", "made NaN", "worker killed"])
+def test_a_data_fault_mid_run_is_one_line_after_saving_the_last_good_state(tmp_path, fault):
+    """Real faults on a running job: a --data file deleted or overwritten with NaN, or kill -9 of one of its
+    DataLoader worker processes; the job saves the state after its last complete step and ends in one line."""
+    data, out = _pt_folder(tmp_path / "data"), tmp_path / "run"
+    workers = "2" if fault == "worker killed" else "0"
+    proc = _start(out, "--data", str(data), "--steps", "2000", "--workers", workers, "--ckpt-every", "1000",
+                  stderr=subprocess.PIPE)
+    _wait_for(proc, "step    4/2000")
+    if fault == "deleted":
+        (data / "033.pt").unlink()
+    elif fault == "made NaN":
+        torch.save(torch.full((1, 16, 16), float("nan")), data / "033.pt")
+    else:
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        os.kill(int(children[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("python -m swav_core.pretrain: error: "), err
+    expected = {"deleted": f"cannot read {data / '033.pt'}", "made NaN": f"{data / '033.pt'} holds 256 value(s)",
+                "worker killed": "a process reading --data died"}[fault]
+    assert expected in errors[0] and f"saved {out / 'checkpoint.pt'} at step " in errors[0], errors[0]
+    step = int(errors[0].split(" at step ")[1].split(":")[0])
+    assert step >= 4 and checkpoint.load(str(out / "checkpoint.pt"))["step"] == step

@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
-from .data import SYNTHETIC, JobError, UsageError
+from .data import SYNTHETIC, JobError, UsageError, manifest, manifest_change
 
 __all__ = ["save", "load", "problem", "first_non_finite", "write_atomic", "lock", "clear", "RUN_FILES", "gather",
-           "normalised", "resumed_options", "save_backbone", "rng_state", "set_rng_state"]
+           "normalised", "check_data", "resumed_options", "save_backbone", "rng_state", "set_rng_state"]
 
 # Options that may differ between a run and its resumption; any other difference is an error.
 RUN_ONLY = {"out", "steps", "stop_at", "resume", "overwrite", "device", "amp", "log_every", "ckpt_every", "knn_k",
@@ -259,6 +259,22 @@ def clear(folder: str, old_run: bool) -> None:
     for path in (os.path.join(folder, n) for n in names):
         if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
+
+
+def check_data(ckpt: Dict[str, Any], given: Dict[str, Any]) -> None:
+    """A ``--data`` folder resumed must hold the files the checkpoint recorded (names, sizes); a folder
+    moved elsewhere with the same files is accepted at its new place (given as ``--data``)."""
+    saved = ckpt.get("data_files")
+    if saved is None:  # synthetic data, or a checkpoint from before the record
+        return
+    folder = given.get("data", ckpt["config"]["data"])
+    if not os.path.isdir(folder):
+        raise UsageError(f"--resume: the --data folder {folder!r} is gone; give its new place with --data")
+    change = manifest_change(saved, manifest(folder))
+    if change:
+        raise UsageError(f"--resume: --data {folder!r} changed since the checkpoint: {change}; restore it, or "
+                         f"start a new run with --overwrite")
+    ckpt["config"]["data"] = normalised("data", folder)
 
 
 def normalised(option: str, value: Any) -> Any:

@@ -180,11 +180,37 @@ class FolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = _read(self.files[i])
-        check_sample(x, self.files[i])
-        if tuple(x.shape) != self.shape[1:]:  # the file changed since the scan
-            raise UsageError(f"--data: {self.files[i]} is now {tuple(x.shape)}, expected {self.shape[1:]}")
+        """Sample ``i``; a file that changed since the scan (deleted, unreadable, another shape, values not
+        finite) is a :class:`DataFault` naming it: a fault of the run, not of its options."""
+        try:
+            x = _read(self.files[i])
+            check_sample(x, self.files[i])
+        except UsageError as e:
+            raise DataFault(str(e).replace("--data: ", "", 1)) from None
+        if tuple(x.shape) != self.shape[1:]:
+            raise DataFault(f"{self.files[i]} is now {tuple(x.shape)}, expected {self.shape[1:]}")
         return to_unit_float(x)
+
+
+class DataFault(JobError):
+    """A ``--data`` file that changed during the run; ``str()`` is one line naming it."""
+
+
+def manifest(path: str) -> List[List]:
+    """[name, size in bytes] of each sample file of a ``--data`` folder, in sample order: what a resumed run
+    compares (a folder changed between sessions would silently train on other samples)."""
+    names = sorted(f for f in os.listdir(path) if f.endswith(EXTENSIONS))
+    return [[name, os.path.getsize(os.path.join(path, name))] for name in names]
+
+
+def manifest_change(saved: List[List], now: List[List]) -> Optional[str]:
+    """What differs between two :func:`manifest` results, in a few words; None when nothing does."""
+    old, new = dict(map(tuple, saved)), dict(map(tuple, now))
+    changes = [f"{n} removed" for n in old if n not in new] + [f"{n} added" for n in new if n not in old] + [
+        f"{n} resized ({old[n]} -> {new[n]} bytes)" for n in old if n in new and old[n] != new[n]]
+    if not changes:
+        return None
+    return ", ".join(changes[:3]) + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
 
 
 def load_folder(path: str) -> torch.Tensor:

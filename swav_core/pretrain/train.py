@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import MemoryBankModule, MultiCrop, SwaV, SwaVLoss, __version__
 from . import checkpoint, plot, report
-from .data import SYNTHETIC, Data, JobError, UsageError, batches, derive_seed, load_data
+from .data import SYNTHETIC, Data, DataFault, JobError, UsageError, batches, derive_seed, load_data, manifest
 from .evaluate import evaluate
 
 __all__ = ["run", "lr_at", "SmallCNN", "StopRequest", "rank", "world_size"]
@@ -292,6 +292,7 @@ def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
         given = {k: v for k, v in vars(args).items() if v is not None} if given is None else given
         from .cli import check_options  # (cli imports this module)
         check_options(ckpt["config"], path)
+        checkpoint.check_data(ckpt, given)
         args = checkpoint.resumed_options(ckpt["config"], args, given)
     _check_args(args)
     device, owns_group = _setup_distributed(args.device, args.dist_timeout)
@@ -367,6 +368,7 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
 def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
     paths = {name: os.path.join(args.out, name) for name in ("checkpoint.pt", "log.csv", "metrics.json")}
     config = {**vars(args), "data": checkpoint.normalised("data", args.data)}
+    data_files = None if args.data in SYNTHETIC else manifest(args.data)  # what --resume compares
     crops, model, loss_fn = _build(args, data, device)
     # The job's own steps do not draw from the global RNG (data order and crops have seeded generators
     # of their own), a user's backbone may (dropout). Seeded per rank after _build, whose seeded
@@ -385,7 +387,12 @@ def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: Sto
          f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
     loader = _start_session(args, data, progress, end, device)
     for step in range(progress.step, end):
-        _train_step(args, step, loader, len(data.train), crops, net, loss_fn, optimizer, device, progress)
+        try:
+            _train_step(args, step, loader, len(data.train), crops, net, loss_fn, optimizer, device, progress)
+        except DataFault as e:  # before the step changed anything: the state after the last one is saved
+            _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp, data_files)
+            raise JobError(f"{e}; saved {paths['checkpoint.pt']} at step {progress.step}: fix --data, then "
+                           f"--resume") from None
         # Not at --stop-at: a stopped and resumed run logs the same rows as an uninterrupted one.
         if progress.step % args.log_every == 0 or progress.step == args.steps:
             try:
@@ -394,7 +401,7 @@ def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: Sto
                 raise JobError(f"{e}; {stop.last_saved()}") from None
         interrupted = stop.requested_anywhere(device)
         if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
-            _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp)
+            _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp, data_files)
             stop.saved = progress.step
         if interrupted:
             _say(f"interrupted after step {progress.step}: saved {paths['checkpoint.pt']}; continue with --resume")
@@ -485,7 +492,10 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     t0 = time.perf_counter()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, args.steps, args.lr, args.warmup_steps)
-    x = next(loader).to(device, non_blocking=True)
+    x, fault = _next_batch(loader)
+    if _any_rank(fault is not None, device):  # every rank stops before the step, to save the same state
+        raise DataFault(fault or "another rank could not read its batch of --data")
+    x = x.to(device, non_blocking=True)
     generator = torch.Generator().manual_seed(derive_seed("crops", args.seed, step, rank()))
     high, low = crops(x, generator=generator)
     epoch = step * args.batch_size * world_size() // n
@@ -507,6 +517,19 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     progress.step = step + 1
     progress.seconds += time.perf_counter() - t0
     progress.window.append(value)
+
+
+def _next_batch(loader):
+    """The next batch, or (None, one line) when a ``--data`` file changed (deleted, made NaN) or a process
+    reading it died; the DataLoader wraps a worker's error in its traceback: its last line is kept."""
+    try:
+        return next(loader), None
+    except DataFault as e:
+        return None, str(e).strip().splitlines()[-1].split("DataFault: ")[-1]
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        return None, f"a process reading --data died ({str(e).splitlines()[0]})"
 
 
 _DIVERGED = "stopped, the last checkpoint is kept (lower --lr or raise --epsilon, then --resume)"
@@ -577,7 +600,7 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
 
 
-def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp: bool) -> None:
+def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp: bool, data_files) -> None:
     """Every rank's state is gathered (its own queues), rank 0 checks and writes it, all wait for the
     outcome: a state rank 0 refuses to save (non-finite) or cannot write stops every rank."""
     states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
@@ -591,7 +614,7 @@ def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp
                 "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
                 "config": config, "world_size": world_size(),
                 "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
-                "skipped": progress.skipped, "skipped_in_a_row": progress.skipped_in_a_row,
+                "skipped": progress.skipped, "skipped_in_a_row": progress.skipped_in_a_row, "data_files": data_files,
                 "torch": str(torch.__version__), "swav_core": __version__,
             })
         except JobError as e:
