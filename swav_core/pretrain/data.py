@@ -19,6 +19,7 @@ lazily, file by file, through a ``torch.utils.data.DataLoader`` that follows thi
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -260,7 +261,16 @@ def batches(train, batch_size: int, seed: int, start: int, end: int, rank: int =
     steps = _StepBatches(start, end, batch_size, len(train), seed, rank, world)
     if isinstance(train, torch.Tensor):
         return (train[idx] for idx in steps)
-    return iter(DataLoader(train, batch_sampler=steps, num_workers=workers, pin_memory=pin_memory))
+    return iter(DataLoader(train, batch_sampler=steps, num_workers=workers, pin_memory=pin_memory,
+                           worker_init_fn=_quiet_worker if workers else None))
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """A worker reports its errors to the job (the DataLoader sends them); when the job ends an exchange early
+    (another worker died), the thread that hands over its batches must not print a traceback too."""
+    default = sys.excepthook
+    sys.excepthook = lambda kind, error, trace: None if issubclass(kind, ConnectionError) else default(
+        kind, error, trace)
 
 
 # --- synthetic sets -------------------------------------------------------------------------------

@@ -362,7 +362,21 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
     except OSError as e:
         raise UsageError(f"--out {args.out!r}: cannot create the folder ({e.strerror})") from e
     with checkpoint.lock(args.out) if rank() == 0 else contextlib.nullcontext():
-        return _train(args, data, device, stop, ckpt)
+        try:
+            return _train(args, data, device, stop, ckpt)
+        except JobError:
+            raise
+        except RuntimeError as e:
+            if "DataLoader worker" in str(e):  # its SIGCHLD handler, anywhere in a step: not saved
+                raise JobError(f"a process reading --data died during a step ({str(e).strip()}); "
+                               f"{stop.last_saved()}") from None
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise  # torch.OutOfMemoryError on CUDA; "can't allocate memory" on the CPU
+            spatial, size = data.train.shape[2:], re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(e))
+            size = f"{int(size[1]) / 2**30:.2f} GiB" if size and size[1] else size[2] if size else "memory"
+            raise JobError(f"out of memory (one allocation of {size} failed): samples {tuple(data.train.shape[1:])}, "
+                           f"--batch-size {args.batch_size} per process, --high-size {args.high_size or min(spatial)}"
+                           f": lower them (and --low-size); {stop.last_saved()}") from None
 
 
 def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
@@ -526,10 +540,10 @@ def _next_batch(loader):
         return next(loader), None
     except DataFault as e:
         return None, str(e).strip().splitlines()[-1].split("DataFault: ")[-1]
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except (RuntimeError, OSError) as e:  # OSError: a worker killed while handing over a batch
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
             raise
-        return None, f"a process reading --data died ({str(e).splitlines()[0]})"
+        return None, f"a process reading --data died ({type(e).__name__}: {str(e).splitlines()[0]})"
 
 
 _DIVERGED = "stopped, the last checkpoint is kept (lower --lr or raise --epsilon, then --resume)"
