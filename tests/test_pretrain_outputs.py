@@ -135,9 +135,9 @@ def test_resume_compares_given_options_after_normalisation(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path / "work")
     assert _job(tmp_path / "out", "--data", "../data/", "--steps", "6", "--stop-at", "2", *sizes) == 0
     out = str(tmp_path / "out")
-    message = _refused(capsys, "--out", out, "--resume", "--data", str(tmp_path / "work"))
-    assert message.startswith(f"--resume with different options than the checkpoint: --data was '{folder}', "
-                              f"now '{tmp_path / 'work'}'")
+    message = _refused(capsys, "--out", out, "--resume", "--data", str(tmp_path / "work"))  # another folder
+    assert message.startswith(f"--resume: --data '{tmp_path / 'work'}' changed since the checkpoint: 000.pt "
+                              f"removed, 001.pt removed, 002.pt removed and 21 more")
     assert "--prototypes was 10, now 12" in _refused(capsys, "--out", out, "--resume", "--prototypes", "12")
     assert main(["--out", out, "--resume", "--stop-at", "4", "--data", str(folder), "--prototypes", "10"]) == 0
     assert main(["--out", out, "--resume", "--data", "../data", "--high-scale", "0.3,1"]) == 0
