@@ -156,3 +156,17 @@ def test_partial_queue_state_is_missing_keys(device, size, keep):
     assert torch.equal(net[1].bank, torch.zeros(4, 2, device=device))
     net[1].push(_rows(7, 2, 2, device))  # and it goes on as a fresh queue
     assert torch.equal(net[1].features(), _rows(7, 2, 2, device))
+
+
+def test_a_loaded_bank_with_non_finite_rows_is_refused_and_leaves_the_queue_alone(device):
+    """As a pushed row that is not finite never enters the queue, a saved one is refused at load."""
+    net = nn.Sequential(MemoryBankModule(size=(4, 2))).to(device)
+    net[0].push(_rows(1, 5, 2, device))
+    state = net.state_dict()
+    bad = state["0.bank"].clone()
+    bad[2, 1] = float("nan")
+    bad[3, 0] = float("-inf")
+    with pytest.raises(RuntimeError, match=re.escape("0.bank holds rows that are not finite (NaN or ±inf), "
+                                                     "e.g. [2, 3]: a queue takes finite rows only")):
+        net.load_state_dict(dict(state, **{"0.bank": bad}))
+    assert torch.equal(net[0].features(), _rows(2, 4, 2, device))

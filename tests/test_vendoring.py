@@ -17,6 +17,7 @@ SETS = {
     "heads": ["heads.py"],
     "multicrop": ["multicrop.py"],
     "model": ["model.py", "heads.py", "memory_bank.py"],
+    "health": ["health.py"],
 }
 
 RUNNER = textwrap.dedent(

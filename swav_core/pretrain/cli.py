@@ -1,6 +1,7 @@
 """Command line of ``python -m swav_core.pretrain``: options, their defaults and help."""
 import argparse
 import math
+import os
 import sys
 import textwrap
 from typing import List, Optional, Tuple
@@ -107,8 +108,9 @@ def _widths(text: str) -> Tuple[int, ...]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        """One line, exit code 2: no usage text (26 lines, twice that under torchrun) before it."""
-        self.exit(2, f"{self.prog}: error: {message} {HELP_POINTER}\n")
+        """One line, exit code 2: no usage text (26 lines) before it; under torchrun from rank 0 only (every
+        rank has the same)."""
+        self.exit(2, f"{self.prog}: error: {message} {HELP_POINTER}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 HELP_POINTER = "(--help lists the options)"

@@ -125,9 +125,11 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # Under torchrun a run ending in an error ignores the agent's SIGTERM, which it sends the ranks
+            # still running as soon as one ends: this rank's error line must reach the terminal first.
+            signal.signal(sig, signal.SIG_IGN if kind is not None and self.forwarded else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
@@ -156,7 +158,7 @@ class StopRequest:
 
 
 # What gloo raises when a peer does not answer within the group's timeout, or is gone.
-_PEER_LOST = re.compile(r"timed out[^\n]*|connection (closed|reset) by peer", re.IGNORECASE)
+_PEER_LOST = re.compile(r"timed out[^\n]*|timeout caused pair closure|connection (closed|reset) by peer", re.IGNORECASE)
 
 
 def _setup_distributed(device_name: str, timeout_s: float):
@@ -305,8 +307,9 @@ def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
         lost = _PEER_LOST.search(str(e)) if world_size() > 1 else None
         if lost is None and not (world_size() > 1 and isinstance(e, dist.DistError)):
             raise
+        other = f"rank {1 - rank()}" if world_size() == 2 else "another rank"
         raise JobError(f"rank {rank()}: {lost[0] if lost else type(e).__name__} (--dist-timeout "
-                       f"{args.dist_timeout:g} s): another process stalled or died; {stop.last_saved()}") from None
+                       f"{args.dist_timeout:g} s): {other} stalled or died; {stop.last_saved()}") from None
     finally:
         if owns_group:
             # Free DDP's reducer (held in reference cycles) and its pending gloo work while the
@@ -361,7 +364,7 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {args.out!r}: cannot create the folder ({e.strerror})") from e
-    with checkpoint.lock(args.out) if rank() == 0 else contextlib.nullcontext():
+    with _locked(args.out, device):
         try:
             return _train(args, data, device, stop, ckpt)
         except JobError:
@@ -377,6 +380,22 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
             raise JobError(f"out of memory (one allocation of {size} failed): samples {tuple(data.train.shape[1:])}, "
                            f"--batch-size {args.batch_size} per process, --high-size {args.high_size or min(spatial)}"
                            f": lower them (and --low-size); {stop.last_saved()}") from None
+
+
+@contextlib.contextmanager
+def _locked(out: str, device: torch.device):
+    """Rank 0 holds ``out``'s lock (:func:`~.checkpoint.lock`); every rank learns whether it got it, so that
+    a refusal ends every rank alike (rank 0 says why; the others' usage error is not printed twice)."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if rank() == 0:
+            try:
+                stack.enter_context(checkpoint.lock(out))
+            except (UsageError, JobError) as e:
+                refusal = e
+        if _any_rank(refusal is not None, device):
+            raise refusal or UsageError(f"rank 0 could not take the lock of --out {out!r}")
+        yield
 
 
 def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: StopRequest, ckpt: Optional[Dict]) -> int:
