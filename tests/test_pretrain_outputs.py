@@ -16,7 +16,7 @@ import torch
 import swav_core
 from swav_core.pretrain import SmallCNN, main, train
 
-from test_pretrain import ROOT, _assert_states_equal, _ckpt, _env, _job
+from test_pretrain import ROOT, TINY, _assert_states_equal, _ckpt, _env, _job
 from test_pretrain_inputs import _refused
 
 README = pathlib.Path(ROOT) / "README.md"
@@ -142,3 +142,50 @@ def test_resume_compares_given_options_after_normalisation(tmp_path, monkeypatch
     assert main(["--out", out, "--resume", "--stop-at", "4", "--data", str(folder), "--prototypes", "10"]) == 0
     assert main(["--out", out, "--resume", "--data", "../data", "--high-scale", "0.3,1"]) == 0
     assert _ckpt(tmp_path / "out")["step"] == 6 and os.path.isfile(tmp_path / "out" / "metrics.json")
+
+
+# --- training health (issue 20) ----------------------------------------------------------------------
+
+def test_log_csv_holds_the_health_figures_and_a_stuck_run_says_so_once(tmp_path, capsys):
+    """--temperature 100 makes the predictions uniform by construction: after the frozen and warm-up steps,
+    three logged rows with pred_entropy ~1 give one line naming it and the knobs; the run goes on."""
+    assert _job(tmp_path, "--steps", "24", "--temperature", "100") == 0  # TINY: rows every 4 steps, 5 frozen
+    printed = capsys.readouterr().out
+    warnings = [line for line in printed.splitlines() if "the run looks collapsed" in line]
+    assert warnings == ["step 16: the run looks collapsed for 3 logged rows: pred_entropy 1.000: the predictions "
+                        "are near uniform (the loss sits at ln K); lower --temperature, raise --lr or lower "
+                        "--freeze-prototypes-steps (going on; --stop-on-collapse stops instead)"], printed
+    header, *rows = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()]
+    assert header[-3:] == ["pred_entropy", "prototype_usage", "embedding_std"]
+    assert all(float(r[-3]) > 0.999 and 0 < float(r[-2]) <= 1 and 0 < float(r[-1]) < 2 for r in rows)
+    assert "| entropy 1.00 usage " in printed
+
+
+def test_stop_on_collapse_stops_with_a_checkpoint(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), *TINY, "--steps", "40", "--temperature", "100", "--stop-on-collapse"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("python -m swav_core.pretrain: error: step 16: the run looks collapsed")
+    assert error.endswith(f"stopped (--stop-on-collapse); saved {tmp_path / 'checkpoint.pt'} at step 16")
+    assert _ckpt(tmp_path)["step"] == 16
+
+
+def test_a_healthy_default_run_prints_no_collapse_line(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--steps", "100", "--log-every", "10", "--n-test", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "collapsed" not in printed
+    rows = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    assert max(float(r[-3]) for r in rows) < 0.97 and min(float(r[-1]) for r in rows) > 0.3
+
+
+def test_loss_png_has_a_health_panel(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from swav_core.pretrain import plot
+    assert _job(tmp_path, "--steps", "8") == 0
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, f, **kw: drawn.append(fig))
+    plot.write(str(tmp_path))
+    panel = [ax for ax in drawn[0].axes if ax.get_ylabel() == "training health"]
+    assert len(panel) == 1 and [line.get_label() for line in panel[0].get_lines()][:3] == [
+        "pred_entropy", "prototype_usage", "embedding_std"]
+    assert matplotlib

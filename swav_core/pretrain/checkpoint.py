@@ -41,7 +41,7 @@ __all__ = ["save", "load", "problem", "first_non_finite", "write_atomic", "lock"
 
 # Options that may differ between a run and its resumption; any other difference is an error.
 RUN_ONLY = {"out", "steps", "stop_at", "resume", "overwrite", "device", "amp", "log_every", "ckpt_every", "knn_k",
-            "workers", "plot", "dist_timeout", "fsdp"}
+            "workers", "plot", "dist_timeout", "fsdp", "stop_on_collapse"}
 
 
 def gather(obj: Any) -> List[Any]:

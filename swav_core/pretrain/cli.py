@@ -174,6 +174,9 @@ def _swav_options(group) -> None:
     group.add_argument("--sinkhorn-iterations", type=_non_negative, default=3, help="Sinkhorn iterations")
     group.add_argument("--temperature", type=_positive_float, default=0.2,
                        help="softmax temperature τ of the loss (paper: 0.1; 0.2 suits this job's small K and D)")
+    group.add_argument("--stop-on-collapse", action="store_true",
+                       help="stop (with a checkpoint) instead of going on when the run looks collapsed: 3 logged rows "
+                            "in a row with pred_entropy >= 0.97, prototype_usage <= 4/K or embedding_std < 0.05")
     group.add_argument("--group-crops-by-resolution", action="store_true",
                        help="FAIR's multi-crop forward: one backbone call per resolution instead of per crop")
 

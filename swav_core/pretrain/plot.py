@@ -1,4 +1,5 @@
-"""``loss.png``: a run's loss and learning rate over its steps, with the k-NN result marked.
+"""``loss.png``: a run's loss and learning rate over its steps, with the k-NN result marked, and below
+them the three training-health figures (:mod:`swav_core.health`).
 
 matplotlib is optional (``pip install -e ".[plot]"``) and imported only here, when a picture is drawn;
 without it the job prints :func:`hint` instead. Drawn on a bare ``Figure`` (no pyplot, no global
@@ -35,10 +36,10 @@ def write(folder: str) -> Optional[str]:
     except ImportError:
         return None
     steps = [int(r["step"]) for r in rows]
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(7, 6.5), layout="constrained")
+    ax, health = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     ax.plot(steps, [float(r["loss"]) for r in rows], color="tab:blue")
-    ax.set(xlabel="step", title=_title(folder, steps[-1]))
+    ax.set(title=_title(folder, steps[-1]))
     ax.set_ylabel("SwAV loss (mean since the previous row)", color="tab:blue")
     lr = ax.twinx()
     lr.plot(steps, [float(r["lr"]) for r in rows], color="tab:orange", linewidth=1)
@@ -49,6 +50,13 @@ def write(folder: str) -> Optional[str]:
         ax.annotate(f"k-NN top-1 {metrics['knn_top1']:.3f}\nrandom init {metrics['knn_top1_random_init']:.3f}",
                     (metrics["steps"], ax.get_ylim()[1]), xytext=(-4, -4), textcoords="offset points",
                     ha="right", va="top", color="tab:green")
+    for name, color in zip(report.HEALTH_FIELDS, ("tab:purple", "tab:brown", "tab:gray")):
+        values = [float(r[name]) if r.get(name) else float("nan") for r in rows]  # older logs lack them
+        health.plot(steps, values, color=color, label=name)
+    health.axhline(1.0, color="black", linewidth=0.5, linestyle=":")
+    health.set(xlabel="step", ylabel="training health", ylim=(0, 1.3))
+    health.legend(loc="lower left", fontsize="small", ncol=3, title="1 = uniform predictions / spread embeddings",
+                  title_fontsize="small")
     path = os.path.join(folder, "loss.png")
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))  # a kill leaves no half picture
     return path

@@ -9,10 +9,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .data import JobError
 
-__all__ = ["LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "kept_log",
+__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "kept_log",
            "append_log", "metrics_text"]
 
-LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed", "skipped")
+HEALTH_FIELDS = ("pred_entropy", "prototype_usage", "embedding_std")  # swav_core.health, window means
+LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed", "skipped") + HEALTH_FIELDS
 
 
 def duration(seconds: float) -> str:
@@ -22,9 +23,11 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(step: int, steps: int, loss: float, lr: float, crops_per_s: float, eta_s: float) -> str:
+def progress_line(step: int, steps: int, loss: float, lr: float, crops_per_s: float, eta_s: float,
+                  health: Dict[str, float]) -> str:
     w = len(str(steps))
-    return (f"step {step:>{w}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | "
+    return (f"step {step:>{w}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | entropy {health['pred_entropy']:.2f} "
+            f"usage {health['prototype_usage']:.2f} std {health['embedding_std']:.2f} | "
             f"{crops_per_s:,.0f} crops/s | ETA {duration(eta_s)}")
 
 

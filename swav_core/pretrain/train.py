@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import MemoryBankModule, MultiCrop, SwaV, SwaVLoss, __version__
+from .. import MemoryBankModule, MultiCrop, SwaV, SwaVLoss, __version__, training_health
+from ..health import COLLAPSED
 from . import checkpoint, plot, report
 from .data import SYNTHETIC, Data, DataFault, JobError, UsageError, batches, derive_seed, load_data, manifest
 from .evaluate import evaluate
@@ -329,6 +330,8 @@ class _Progress:
     skipped: int = 0  # steps skipped for scores that were not finite (a bad batch), over the run
     skipped_in_a_row: int = 0
     window: List[float] = field(default_factory=list)  # losses since the last progress line
+    health: List[List[float]] = field(default_factory=list)  # (pred_entropy, prototype_usage, embedding_std)
+    collapsed_rows: int = 0  # logged rows in a row that look collapsed (see _watch)
     # When, and after which step, this session and its current window began: crops/s counts the
     # window's steps, the ETA all of this session's (after a resume, ``window`` also holds losses
     # from before the interruption).
@@ -432,6 +435,10 @@ def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: Sto
                 _log(args, progress, optimizer.param_groups[0]["lr"], crops, end, paths["log.csv"], device)
             except JobError as e:  # log.csv could not be written (a full disk): say what is on disk
                 raise JobError(f"{e}; {stop.last_saved()}") from None
+            except _Collapsed as e:
+                _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp, data_files)
+                raise JobError(f"{e}: stopped (--stop-on-collapse); saved {paths['checkpoint.pt']} at step "
+                               f"{progress.step}") from None
         interrupted = stop.requested_anywhere(device)
         if interrupted or progress.step == end or progress.step % args.ckpt_every == 0:
             _save(paths["checkpoint.pt"], model, optimizer, config, progress, device, args.fsdp, data_files)
@@ -488,8 +495,9 @@ def _resume(args, ckpt: Dict, path: str, model, optimizer) -> _Progress:
     checkpoint.set_rng_state(ckpt["rng"][rank()])
     _say(f"resumed {path} at step {ckpt['step']}/{args.steps}")
     window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
+    health = ckpt["health_window_per_rank"][rank()].tolist() if "health_window_per_rank" in ckpt else []
     return _Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], ckpt.get("skipped", 0),
-                     ckpt.get("skipped_in_a_row", 0), window)
+                     ckpt.get("skipped_in_a_row", 0), window, health, ckpt.get("collapsed_rows", 0))
 
 
 def _load_states(ckpt: Dict, path: str, model: nn.Module) -> None:
@@ -534,8 +542,8 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     epoch = step * args.batch_size * world_size() // n
     model = net.module if isinstance(net, DistributedDataParallel) else net
     before = _running_state(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-        loss = _loss(net, loss_fn, (high, low), epoch, step)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), _FirstEmbedding(model, len(x)) as z:
+        loss, scores = _loss(net, loss_fn, (high, low), epoch, step)
     if _any_rank(loss is None, device):  # on every rank alike: no backward, no optimizer step
         _skip(model, before, step, progress)
         progress.seconds += time.perf_counter() - t0
@@ -547,9 +555,30 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     value = loss.detach().item()
     if not math.isfinite(value):
         raise JobError(f"loss is {value} at step {step + 1}: {_DIVERGED}")
+    health = training_health(z.value, scores, args.temperature)  # of the first crop: figures for the log
     progress.step = step + 1
     progress.seconds += time.perf_counter() - t0
     progress.window.append(value)
+    progress.health.append(torch.stack(list(health.values())).tolist())  # after loss.item(): no extra wait
+
+
+class _FirstEmbedding:
+    """``value``: the unit embeddings z (B, D) of a step's first crop: the first B rows of the projection
+    head's first output in the ``with`` block (all crops at once with --group-crops-by-resolution)."""
+
+    def __init__(self, model: SwaV, batch: int):
+        self.model, self.batch, self.value = model, batch, None
+
+    def __enter__(self) -> "_FirstEmbedding":
+        self.handle = self.model.projection_head.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _keep(self, module, args, out: torch.Tensor) -> None:
+        if self.value is None:
+            self.value = out.detach()[: self.batch]
 
 
 def _next_batch(loader):
@@ -569,19 +598,19 @@ _DIVERGED = "stopped, the last checkpoint is kept (lower --lr or raise --epsilon
 _SKIPS_IN_A_ROW = 3  # more bad batches in a row than this: the data keeps failing, stop
 
 
-def _loss(net, loss_fn: SwaVLoss, crops, epoch: int, step: int) -> Optional[torch.Tensor]:
-    """The loss of one step's ``crops`` (high, low), or None for a bad batch: crops that are not finite,
-    whose scores the loss refuses (or, under torchrun, another rank's). Scores that are not finite from
-    finite crops (a diverged model) end the run with one line, not a traceback."""
+def _loss(net, loss_fn: SwaVLoss, crops, epoch: int, step: int):
+    """The loss of one step's ``crops`` (high, low) and the first crop's scores (detached), or (None, None)
+    for a bad batch: crops that are not finite, whose scores the loss refuses (or, under torchrun, another
+    rank's). Scores that are not finite from finite crops (a diverged model) end the run with one line."""
     high, low, queue = net(crops, epoch=epoch, step=step)
     try:
-        return loss_fn(high, low, queue)
+        return loss_fn(high, low, queue), high[0].detach()
     except ValueError:
         scores_finite = all(bool(torch.isfinite(s).all()) for s in high + low)
         if scores_finite and not _distributed():
             raise
     if scores_finite or not all(bool(torch.isfinite(x).all()) for x in crops[0] + crops[1]):
-        return None
+        return None, None
     raise JobError(f"the scores are not finite at step {step + 1}: {_DIVERGED}")
 
 
@@ -617,8 +646,9 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     from the steps run in this session since then, the ETA from all of this session's steps."""
     if not progress.window:  # every step since the last row was skipped (the same on every rank)
         return
-    mean = sum(progress.window) / len(progress.window)
-    mean = _sum_over_ranks(torch.tensor([mean], device=device)).item() / world_size()
+    means = torch.tensor([[v, *h] for v, h in zip(progress.window, progress.health)], device=device).mean(dim=0)
+    mean, *health = (_sum_over_ranks(means) / world_size()).tolist()  # loss, then the three figures
+    health = dict(zip(report.HEALTH_FIELDS, health))
     progress.loss_first = mean if progress.loss_first is None else progress.loss_first
     progress.loss_last = mean
     now = time.perf_counter()
@@ -626,11 +656,48 @@ def _log(args, progress: _Progress, lr: float, crops: MultiCrop, end: int, path:
     cps = ran * args.batch_size * (crops.n_high + crops.n_low) * world_size() / elapsed
     per_step = (now - progress.session_start) / (progress.step - progress.session_from)
     if rank() == 0:
-        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * per_step))
+        _say(report.progress_line(progress.step, args.steps, mean, lr, cps, (end - progress.step) * per_step, health))
         report.append_log(path, dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
                                      crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}",
-                                     skipped=progress.skipped))
-    progress.window, progress.window_start, progress.window_from = [], time.perf_counter(), progress.step
+                                     skipped=progress.skipped, **{k: f"{v:.4f}" for k, v in health.items()}))
+    progress.window, progress.health = [], []
+    progress.window_start, progress.window_from = time.perf_counter(), progress.step
+    _watch(args, progress, health)
+
+
+_ROWS_TO_WARN = 3  # logged rows in a row that look collapsed before the warning
+
+
+def _watch(args, progress: _Progress, health: Dict[str, float]) -> None:
+    """After the warm-up and the frozen prototype steps, say once (in one line) when the last logged rows all
+    look collapsed, naming the figure and the knobs; with --stop-on-collapse, stop (a :class:`_Collapsed`)."""
+    if progress.step <= max(args.warmup_steps, args.freeze_prototypes_steps):
+        return
+    why = _collapse(health, args.prototypes)
+    progress.collapsed_rows = progress.collapsed_rows + 1 if why else 0
+    if progress.collapsed_rows == _ROWS_TO_WARN:  # once per stretch of collapsed rows
+        line = f"step {progress.step}: the run looks collapsed for {_ROWS_TO_WARN} logged rows: {why}"
+        if args.stop_on_collapse:
+            raise _Collapsed(line)
+        _say(line + " (going on; --stop-on-collapse stops instead)")
+
+
+def _collapse(health: Dict[str, float], k: int) -> Optional[str]:
+    """What in ``health`` (one logged row's figures) looks collapsed, with the knobs to turn; None if nothing."""
+    if health["pred_entropy"] >= COLLAPSED["pred_entropy"]:
+        return (f"pred_entropy {health['pred_entropy']:.3f}: the predictions are near uniform (the loss sits "
+                f"at ln K); lower --temperature, raise --lr or lower --freeze-prototypes-steps")
+    if health["prototype_usage"] * k <= COLLAPSED["prototype_usage_k"]:
+        return (f"prototype_usage {health['prototype_usage']:.3f}: a handful of the {k} prototypes take every "
+                f"sample; raise --epsilon, start the queue later or freeze the prototypes longer")
+    if health["embedding_std"] < COLLAPSED["embedding_std"]:
+        return (f"embedding_std {health['embedding_std']:.3f}: the embeddings sit near one point; lower --lr "
+                f"or strengthen the augmentations (--high-scale, --low-scale, --intensity)")
+    return None
+
+
+class _Collapsed(Exception):
+    """--stop-on-collapse: the run looks collapsed (the message says how); it stops after a checkpoint."""
 
 
 def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp: bool, data_files) -> None:
@@ -639,12 +706,14 @@ def _save(path: str, model, optimizer, config, progress: _Progress, device, fsdp
     states, rngs = checkpoint.gather(_cpu_state(model)), checkpoint.gather(checkpoint.rng_state())
     optimizer_state = _optimizer_state(model, optimizer, fsdp)
     windows = checkpoint.gather(torch.tensor(progress.window, dtype=torch.float64))  # unlogged losses
+    healths = checkpoint.gather(torch.tensor(progress.health, dtype=torch.float64).reshape(-1, 3))  # their figures
     error = None
     if rank() == 0:
         try:
             checkpoint.save(path, {
                 "model": states[0], "model_per_rank": states, "optimizer": optimizer_state,
                 "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
+                "health_window_per_rank": healths, "collapsed_rows": progress.collapsed_rows,
                 "config": config, "world_size": world_size(),
                 "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
                 "skipped": progress.skipped, "skipped_in_a_row": progress.skipped_in_a_row, "data_files": data_files,
