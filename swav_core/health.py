@@ -36,7 +36,7 @@ COLLAPSED = {"pred_entropy": 0.97, "prototype_usage_k": 4, "embedding_std": 0.05
 
 @torch.no_grad()
 def pred_entropy(scores: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Mean over samples of the entropy of softmax(S/τ), divided by ln K: (B, K) scores, K ≥ 2 → 0-dim in [0, 1]."""
+    """Mean over samples of the entropy of softmax(S/τ), over ln K: (B, K) scores, K ≥ 2 → 0-dim in [0, 1]."""
     _check(scores, "scores", "(B, K)", min_k=2)
     if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

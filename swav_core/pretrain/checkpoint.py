@@ -289,8 +289,9 @@ def resumed_options(saved: Dict[str, Any], args: argparse.Namespace, given: Dict
     """The options of a resumed run: the checkpoint's ``saved`` ones, then the run-only options in
     ``given`` (those written on the command line: ``--steps``, ``--device``, …; see :data:`RUN_ONLY`).
 
-    ``--stop-at`` and ``--fsdp`` are never inherited (a run may change between DDP and FSDP2). Any other option given is compared after :func:`normalised`,
-    and a real change is a :class:`UsageError` naming the option, the old and the new value.
+    ``--stop-at`` and ``--fsdp`` are never inherited (a run may change between DDP and FSDP2). Any other
+    option given is compared after :func:`normalised`, and a real change is a :class:`UsageError` naming the
+    option, the old and the new value.
     """
     diff = {k: (saved.get(k), v) for k, v in given.items()
             if k not in RUN_ONLY and normalised(k, saved.get(k)) != normalised(k, v)}

@@ -378,7 +378,8 @@ def _run(args: argparse.Namespace, device: torch.device, stop: StopRequest, ckpt
                                f"{stop.last_saved()}") from None
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise  # torch.OutOfMemoryError on CUDA; "can't allocate memory" on the CPU
-            spatial, size = data.train.shape[2:], re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(e))
+            spatial = data.train.shape[2:]
+            size = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(e))
             size = f"{int(size[1]) / 2**30:.2f} GiB" if size and size[1] else size[2] if size else "memory"
             raise JobError(f"out of memory (one allocation of {size} failed): samples {tuple(data.train.shape[1:])}, "
                            f"--batch-size {args.batch_size} per process, --high-size {args.high_size or min(spatial)}"
