@@ -72,6 +72,12 @@ class SwaVLoss(nn.Module):
                 f"sinkhorn_epsilon={self.sinkhorn_epsilon}, "
                 f"sinkhorn_gather_distributed={self.sinkhorn_gather_distributed}")
 
+    def __call__(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], tuple) and len(args[0]) == 3:  # fmcib's loss(out)
+            raise ValueError("SwaVLoss takes the model's three outputs as three arguments: criterion(*model(crops)), "
+                             "or criterion(high_resolution_outputs, low_resolution_outputs, queue_outputs)")
+        return super().__call__(*args, **kwargs)
+
     def subloss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the prediction softmax(z/τ) against codes q: −mean_b Σ_k q·log softmax(z/τ).
 

@@ -27,7 +27,9 @@ class SwaV(nn.Module):
         out_dim: D, the projection (and prototype) dimension.
         n_prototypes: K, an int, or a list of ints for several prototype heads.
         n_queues: number of queues, which must equal the number of high-resolution crops; 0 for none.
-        queue_length: rows per queue (fmcib: 3840). Default: 0
+        queue_length: rows per queue (fmcib: 3840): it is first used ceil(queue_length / B) steps after the
+            queue starts, and with more rows than the data's N samples it holds each one queue_length / N
+            times. Default: 0
         start_queue_at_epoch: queue scores are returned only from this epoch on. Default: 0
         n_steps_frozen_prototypes: optimisation steps during which the prototypes do not train. Default: 0
         prototype_bias: prototypes with a bias, as lightly >= 1.2.31 and fmcib. Default: False
@@ -88,15 +90,19 @@ class SwaV(nn.Module):
         return scores[:n_high], scores[n_high:], self._queue_scores(high_z, epoch, step)
 
     def _check_input(self, input, epoch, step) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+        if isinstance(epoch, (tuple, list)):  # lightly's model(high, low, ...): the crops as two arguments
+            raise ValueError(f"SwaV takes the crops as one pair: model((high_resolution_crops, low_resolution_crops), "
+                             f"epoch, step=step), got a {type(epoch).__name__} as epoch")
         if not isinstance(input, (tuple, list)) or len(input) != 2:
             n = len(input) if hasattr(input, "__len__") else "?"
             raise ValueError("input must be a pair (high_resolution_crops, low_resolution_crops), "
-                             f"got {type(input).__name__} of length {n}")
+                             f"got {type(input).__name__} of length {n}: call model((high, low), epoch, step=step)")
         for name, crops in zip(("high-resolution", "low-resolution"), input):
             if not isinstance(crops, (tuple, list)):
                 is_tensor = torch.is_tensor(crops)
                 got = f"a tensor of shape {tuple(crops.shape)}" if is_tensor else type(crops).__name__
-                raise ValueError(f"the {name} crops must be a list of batch tensors (B, C, ...), got {got}")
+                raise ValueError(f"the {name} crops must be a list of batch tensors (B, C, ...), got {got}: call "
+                                 "model((high, low), epoch, step=step) with high and low lists of crops")
             for i, x in enumerate(crops):
                 if not torch.is_tensor(x) or x.ndim < 2:
                     got = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__

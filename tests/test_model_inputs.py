@@ -1,6 +1,7 @@
 """Arguments of SwaV, its heads and the other modules: integers, flags, the step, the epoch and the crop lists are
 checked before anything runs, with errors that name the argument and the value received."""
 import copy
+import re
 
 import pytest
 import torch
@@ -131,3 +132,19 @@ def test_flags_take_bool_like_values(value):
     assert MultiCrop(8, 4, flip=value).flip is bool(value)
     assert SwaVPrototypes(4, 5, bias=value).bias is bool(value)
 
+
+
+def test_lightly_and_fmcib_call_forms_name_the_call_that_works(device):
+    torch.manual_seed(0)
+    model = SwaV(backbone_2d(), 8, 4, 5, n_queues=0).to(device)
+    high, low = crops_2d(3, device=device)
+    with pytest.raises(ValueError, match=re.escape("SwaV takes the crops as one pair: model((high_resolution_crops, "
+                                                   "low_resolution_crops), epoch, step=step), got a list as epoch")):
+        model(high, low, 0)  # lightly's examples call their own model this way
+    with pytest.raises(ValueError, match=re.escape("call model((high, low), epoch, step=step)")):
+        model(high[0])
+    outputs = model((high, low))
+    with pytest.raises(ValueError, match=re.escape("SwaVLoss takes the model's three outputs as three arguments: "
+                                                   "criterion(*model(crops))")):
+        SwaVLoss()(outputs)  # fmcib's own loss takes the triple
+    assert SwaVLoss()(*outputs).ndim == 0

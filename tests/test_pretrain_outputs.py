@@ -189,3 +189,13 @@ def test_loss_png_has_a_health_panel(tmp_path, monkeypatch):
     assert len(panel) == 1 and [line.get_label() for line in panel[0].get_lines()][:3] == [
         "pred_entropy", "prototype_usage", "embedding_std"]
     assert matplotlib
+
+
+def test_the_job_says_when_the_queue_is_first_used_and_what_it_holds(tmp_path, capsys):
+    assert _job(tmp_path / "a", "--steps", "4") == 0  # TINY: 64 samples, B = 8, queues of 16
+    assert "queues: 2 x 16 rows per process, used from step 3; each holds 25.0% of the 64 training samples" in \
+        capsys.readouterr().out
+    assert _job(tmp_path / "b", "--steps", "4", "--queue-length", "1000") == 0
+    assert ("queues: 2 x 1000 rows per process, never used in this run (full after step 125, --steps 4); each holds "
+            "each of this process's samples about 15.6 times (more than an epoch: lower --queue-length)") in \
+        capsys.readouterr().out

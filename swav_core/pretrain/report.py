@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .data import JobError
 
-__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "duration", "progress_line", "crops_text", "summary", "read_log", "kept_log",
-           "append_log", "metrics_text"]
+__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "duration", "progress_line", "queue_line", "crops_text", "summary",
+           "read_log", "kept_log", "append_log", "metrics_text"]
 
 HEALTH_FIELDS = ("pred_entropy", "prototype_usage", "embedding_std")  # swav_core.health, window means
 LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed", "skipped") + HEALTH_FIELDS
@@ -29,6 +29,16 @@ def progress_line(step: int, steps: int, loss: float, lr: float, crops_per_s: fl
     return (f"step {step:>{w}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | entropy {health['pred_entropy']:.2f} "
             f"usage {health['prototype_usage']:.2f} std {health['embedding_std']:.2f} | "
             f"{crops_per_s:,.0f} crops/s | ETA {duration(eta_s)}")
+
+
+def queue_line(length: int, batch: int, n: int, world: int, steps: int) -> str:
+    """When the queues are first used and what they hold: per process, each fills with its own batches."""
+    full = -(-length // batch)  # steps of B rows until a queue holds `length`
+    use = (f"used from step {full + 1}" if full < steps else
+           f"never used in this run (full after step {full}, --steps {steps})")
+    held = (f"each of this process's samples about {length * world / n:.1f} times (more than an epoch: lower "
+            f"--queue-length)" if length * world > n else f"{length / n:.1%} of the {n} training samples")
+    return f"queues: 2 x {length} rows per process, {use}; each holds {held}"
 
 
 def crops_text(crops) -> str:

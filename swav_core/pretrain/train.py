@@ -422,6 +422,8 @@ def _train(args: argparse.Namespace, data: Data, device: torch.device, stop: Sto
     end = min(args.steps, args.stop_at or args.steps)
     _say(f"SwAV on {args.data} {tuple(data.train.shape)} | {world_size()} process(es) on {device} | "
          f"B={args.batch_size}/process, {report.crops_text(crops)} | steps {progress.step}->{end} of {args.steps}")
+    if args.queue_length:
+        _say(report.queue_line(args.queue_length, args.batch_size, len(data.train), world_size(), args.steps))
     loader = _start_session(args, data, progress, end, device)
     for step in range(progress.step, end):
         try:
