@@ -42,16 +42,23 @@ def test_a_run_leaves_backbone_weights_that_load_strictly_and_reports_log_csv_lo
     assert metrics["swav_core"] == _ckpt(tmp_path)["swav_core"] == swav_core.__version__
 
 
-def test_the_readme_lines_load_the_default_jobs_backbone(tmp_path, monkeypatch):
-    """The README's ```py block that names backbone.pt runs as written in a folder holding a run of
-    the default network (its widths, 16,32,64,128)."""
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_readme_lines_load_the_jobs_backbone(tmp_path, monkeypatch, channels):
+    """The README's ```py block that names backbone.pt runs as written in a folder holding a run, also of
+    3-channel data and other widths: metrics.json records what rebuilds the network."""
     blocks = [b for b in re.findall(r"```py\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S) if "backbone.pt" in b]
     assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) == 3, blocks
-    assert _job(tmp_path / "runs" / "pretrain", "--steps", "2", "--widths", "16,32,64,128") == 0
+    data = []
+    if channels == 3:
+        (tmp_path / "rgb").mkdir()
+        for i in range(16):
+            torch.save(torch.rand(3, 16, 16), tmp_path / "rgb" / f"{i:02d}.pt")
+        data = ["--data", str(tmp_path / "rgb")]
+    assert _job(tmp_path / "runs" / "pretrain", "--steps", "2", *data) == 0  # TINY widths 4,8
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(blocks[0], str(README), "exec"), scope)
-    assert isinstance(scope["net"], SmallCNN) and scope["net"](torch.rand(2, 1, 16, 16)).shape == (2, 128)
+    assert isinstance(scope["net"], SmallCNN) and scope["net"](torch.rand(2, channels, 16, 16)).shape == (2, 8)
 
 
 def test_loss_png_is_drawn_at_the_end_and_on_demand(tmp_path, capsys):

@@ -744,6 +744,7 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
             crops_per_s=round(args.batch_size * n_crops * world_size() * args.steps / max(progress.seconds, 1e-9), 1),
             device=str(device), world_size=world_size(), n_train=len(data.train), swav_core=__version__,
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            backbone={"in_channels": data.train.shape[1], "dims": data.dims, "widths": list(args.widths)},  # SmallCNN(**)
         )
         checkpoint.write_atomic(path, lambda f: f.write(report.metrics_text(metrics).encode()))
         checkpoint.save_backbone(os.path.join(args.out, "backbone.pt"), backbone)
