@@ -45,6 +45,10 @@ FOLDERS = {  # name -> (files, what the message must say besides --data and the 
                      "a.pt (RuntimeError); expected one tensor"),
     "corrupt npy": ({"a.npy": lambda p: p.write_text("garbage")}, "a.npy (ValueError); expected one array"),
     "not a tensor": ({"a.pt": lambda p: torch.save({"x": torch.zeros(1, 4, 4)}, p)}, "a.pt holds a dict"),
+    "channels last": ({"a.pt": lambda p: torch.save(torch.zeros(32, 32, 3), p)},
+                      "a.pt has shape (32, 32, 3), which looks like (H, W, C) with the channels last; expected "
+                      "channels first: save x.transpose(2, 0, 1) (numpy) or x.permute(2, 0, 1) (torch)"),
+    "channels last 3D": ({"a.pt": lambda p: torch.save(torch.zeros(8, 8, 8, 1), p)}, "looks like (D, H, W, C)"),
 }
 
 
@@ -182,3 +186,14 @@ def test_seed_makes_a_backbone_with_dropout_reproducible_through_stop_and_resume
     assert torch.equal(torch.get_rng_state(), caller)  # the job seeds its own RNG, not its caller's
     assert not torch.equal(runs["a"]["rng"][0]["torch"], _ckpt(tmp_path / "d")["rng"][0]["torch"])
     assert os.path.isfile(tmp_path / "c" / "metrics.json")
+
+
+def test_crops_smaller_than_two_pixels_are_refused(tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    for i in range(8):
+        torch.save(torch.rand(1, 3, 3), folder / f"{i}.pt")
+    message = _refused(capsys, "--out", str(tmp_path / "out"), "--data", str(folder), "--batch-size", "4",
+                       "--steps", "2")
+    assert message == "crops of 1 pixel per side (--high-size 3, --low-size 1; the data is (3, 3), the " \
+                      "low-resolution size defaults to half the high one): expected >= 2"

@@ -138,6 +138,11 @@ def check_sample(x: torch.Tensor, path: str) -> None:
     a :class:`UsageError` naming the file otherwise."""
     if x.ndim not in (3, 4):
         raise UsageError(f"--data: {path} has shape {tuple(x.shape)}; expected one sample (C, H, W) or (C, D, H, W)")
+    if x.shape[-1] in (1, 3, 4) and min(x.shape[:-1]) > 4:  # channels last, as image libraries give them
+        axes = ", ".join(["D", "H", "W"][-(x.ndim - 1):] + ["C"])
+        order = (x.ndim - 1, *range(x.ndim - 1))
+        raise UsageError(f"--data: {path} has shape {tuple(x.shape)}, which looks like ({axes}) with the channels "
+                         f"last; expected channels first: save x.transpose{order} (numpy) or x.permute{order} (torch)")
     if not (x.dtype.is_floating_point or x.dtype in UNIT_SCALE):
         raise UsageError(f"--data: {path} holds {str(x.dtype).replace('torch.', '')} values; expected float, uint8, "
                          f"uint16 or bool samples. Signed data such as CT in HU has no fixed unit range: window "

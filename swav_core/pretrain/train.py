@@ -179,7 +179,11 @@ def _setup_distributed(device_name: str, timeout_s: float):
 def _build(args: argparse.Namespace, data: Data, device: torch.device):
     spatial = data.train.shape[2:]
     high = args.high_size or min(spatial)
-    crops = MultiCrop(high, args.low_size or max(1, high // 2), n_high=2, n_low=args.n_low,
+    low = args.low_size or max(1, high // 2)
+    if min(high, low) < 2:  # a 1-pixel crop carries no structure to learn from
+        raise UsageError(f"crops of {min(high, low)} pixel per side (--high-size {high}, --low-size {low}; the data is "
+                         f"{tuple(spatial)}, the low-resolution size defaults to half the high one): expected >= 2")
+    crops = MultiCrop(high, low, n_high=2, n_low=args.n_low,
                       high_scale=args.high_scale, low_scale=args.low_scale, intensity=args.intensity)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's RNG left as it was
         torch.manual_seed(args.seed)  # the same initialisation on every rank and on resume
