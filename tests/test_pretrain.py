@@ -63,7 +63,8 @@ def test_run_writes_checkpoint_metrics_and_log(device, tmp_path, capsys):
     assert ckpt["step"] == 10 and {"model", "optimizer", "rng"} <= ckpt.keys()
     assert any(k.startswith("queues.") for k in ckpt["model"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("knn_top1", "knn_top1_random_init", "steps", "loss_first", "loss_last", "seconds", "crops_per_s"):
+    for key in ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init", "steps", "loss_first",
+                "loss_last", "seconds", "crops_per_s"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["knn_top1"] <= 1 and metrics["steps"] == 10 and metrics["device"].startswith(device)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -101,6 +102,7 @@ def test_a_short_run_learns_features_that_beat_random_initialisation(tmp_path):
                  "--n-test", "512", "--widths", "8,16,32,64", "--log-every", "100"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["knn_top1"] >= metrics["knn_top1_random_init"] + 0.10, metrics
+    assert metrics["linear_top1"] >= metrics["linear_top1_random_init"] + 0.10, metrics  # the linear probe too
     assert metrics["loss_last"] < metrics["loss_first"]
 
 

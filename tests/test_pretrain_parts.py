@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from swav_core.pretrain.data import (CLASSES_2D, CLASSES_3D, UsageError, batch_indices, load_folder, synthetic2d,
                                      synthetic3d)
-from swav_core.pretrain.evaluate import knn_top1
+from swav_core.pretrain.evaluate import knn_top1, linear_top1
 from swav_core.pretrain.train import lr_at
 from strategies import examples
 
@@ -136,3 +136,14 @@ def test_a_run_shorter_than_its_warm_up_ends_decayed():
     """The README's torchrun example: --steps 20 with the default 20 warm-up steps used to end at the peak."""
     lrs = [lr_at(s, 20, 2e-3, 20) for s in range(20)]
     assert lrs[9] == 2e-3 and lrs[-1] < 0.05 * 2e-3
+
+
+def test_linear_probe_separates_separable_classes_and_is_chance_on_noise():
+    """Two Gaussian blobs far apart: the probe classifies every held-out sample; labels drawn independently
+    of the features: about chance (the fit cannot see the held-out labels)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (200,), generator=g)
+    z = torch.randn(200, 8, generator=g) * 0.3 + (y[:, None] * 2.0 - 1.0)
+    assert linear_top1(z[:100], y[:100], z[100:], y[100:]) == 1.0
+    noise = torch.randint(0, 2, (200,), generator=g)
+    assert 0.3 <= linear_top1(z[:100], noise[:100], z[100:], noise[100:]) <= 0.7

@@ -55,6 +55,9 @@ def summary(m: Dict[str, Any], knn_k: int, out: str, plot_hint: Optional[str]) -
     if m.get("knn_top1") is not None:
         lines.append(f"k-NN top-1 (k={knn_k}, {m['knn_test_samples']} held-out samples): "
                      f"{m['knn_top1']:.3f} pretrained vs {m['knn_top1_random_init']:.3f} at random initialisation")
+        if m.get("linear_top1") is not None:
+            lines.append(f"linear probe top-1 (logistic regression on the frozen features): {m['linear_top1']:.3f} "
+                         f"pretrained vs {m['linear_top1_random_init']:.3f} at random initialisation")
     else:
         lines.append("k-NN evaluation skipped: the data has no labels")
     png = [] if plot_hint else ["loss.png"]
