@@ -537,8 +537,8 @@ def test_a_non_finite_batch_is_skipped_with_one_line_and_counted(tmp_path, capsy
     _nan_crops_at(monkeypatch, {2})
     assert _job(tmp_path, "--steps", "8") == 0  # checkpoints at 5 and 8: finite BatchNorm statistics
     printed = capsys.readouterr().out
-    assert printed.count("step 3: the crops are not finite (a bad batch): step skipped, BatchNorm statistics and "
-                         "queues restored (1 skipped so far") == 1
+    assert printed.count("step 3: the crops are not finite (a bad batch): step skipped before the forward "
+                         "(1 skipped so far") == 1
     rows = [r.split(",") for r in (tmp_path / "log.csv").read_text().splitlines()]
     column = rows[0].index("skipped")
     assert [r[column] for r in rows[1:]] == ["1", "1"]

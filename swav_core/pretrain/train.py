@@ -546,16 +546,17 @@ def _train_step(args, step: int, loader, n: int, crops: MultiCrop, net, loss_fn,
     x = x.to(device, non_blocking=True)
     generator = torch.Generator().manual_seed(derive_seed("crops", args.seed, step, rank()))
     high, low = crops(x, generator=generator)
-    epoch = step * args.batch_size * world_size() // n
-    model = net.module if isinstance(net, DistributedDataParallel) else net
-    before = _running_state(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), _FirstEmbedding(model, len(x)) as z:
-        loss, scores = _loss(net, loss_fn, (high, low), epoch, step)
-    if _any_rank(loss is None, device):  # on every rank alike: no backward, no optimizer step
-        _skip(model, before, step, progress)
+    # A bad batch (crops not finite) is skipped before the forward, on every rank alike: the BatchNorm
+    # statistics and queues never see it, so nothing needs restoring (the step a GradScaler would skip).
+    if _any_rank(not all(bool(torch.isfinite(c).all()) for c in high + low), device):
+        _skip(step, progress)
         progress.seconds += time.perf_counter() - t0
         return
     progress.skipped_in_a_row = 0
+    epoch = step * args.batch_size * world_size() // n
+    model = net.module if isinstance(net, DistributedDataParallel) else net
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), _FirstEmbedding(model, len(x)) as z:
+        loss, scores = _loss(net, loss_fn, (high, low), epoch, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -606,41 +607,27 @@ _SKIPS_IN_A_ROW = 3  # more bad batches in a row than this: the data keeps faili
 
 
 def _loss(net, loss_fn: SwaVLoss, crops, epoch: int, step: int):
-    """The loss of one step's ``crops`` (high, low) and the first crop's scores (detached), or (None, None)
-    for a bad batch: crops that are not finite, whose scores the loss refuses (or, under torchrun, another
-    rank's). Scores that are not finite from finite crops (a diverged model) end the run with one line."""
+    """The loss of one step's finite ``crops`` (high, low) and the first crop's scores (detached). Scores
+    that are not finite (a diverged model, which the loss refuses) end the run with one line."""
     high, low, queue = net(crops, epoch=epoch, step=step)
     try:
         return loss_fn(high, low, queue), high[0].detach()
     except ValueError:
-        scores_finite = all(bool(torch.isfinite(s).all()) for s in high + low)
-        if scores_finite and not _distributed():
+        if all(bool(torch.isfinite(s).all()) for s in high + low):
             raise
-    if scores_finite or not all(bool(torch.isfinite(x).all()) for x in crops[0] + crops[1]):
-        return None, None
     raise JobError(f"the scores are not finite at step {step + 1}: {_DIVERGED}")
 
 
-def _running_state(model: SwaV) -> Dict:
-    """What a forward changes besides the parameters: BatchNorm statistics and the queues (a copy)."""
-    queues = [q.state_dict() for q in model.queues] if model.queues is not None else []
-    return {"buffers": {k: v.clone() for k, v in model.named_buffers()}, "queues": queues}
-
-
-def _skip(model: SwaV, before: Dict, step: int, progress: _Progress) -> None:
-    """Skip step ``step`` (a batch whose scores were not finite, as a GradScaler skips an overflow): the
-    BatchNorm statistics and queues go back to ``before``; the optimizer does not step."""
-    for name, buffer in model.named_buffers():
-        buffer.copy_(before["buffers"][name])
-    for queue, state in zip(model.queues or [], before["queues"]):
-        queue.load_state_dict(state)
+def _skip(step: int, progress: _Progress) -> None:
+    """Skip step ``step``, whose crops are not finite: one line, counted (log.csv column ``skipped``); more
+    than :data:`_SKIPS_IN_A_ROW` in a row stop the run."""
     progress.step, progress.skipped = step + 1, progress.skipped + 1
     progress.skipped_in_a_row += 1
     if progress.skipped_in_a_row > _SKIPS_IN_A_ROW:
         raise JobError(f"the crops are not finite at steps {step + 2 - progress.skipped_in_a_row}-{step + 1} (NaN or "
-                       f"inf in the data, or --amp overflowing): stopped; check the data, then --resume")
-    _say(f"step {step + 1}: the crops are not finite (a bad batch): step skipped, BatchNorm statistics and "
-         f"queues restored ({progress.skipped} skipped so far, log.csv column 'skipped')")
+                       f"inf in the data): stopped; check the data, then --resume")
+    _say(f"step {step + 1}: the crops are not finite (a bad batch): step skipped before the forward "
+         f"({progress.skipped} skipped so far, log.csv column 'skipped')")
 
 
 def _any_rank(flag: bool, device) -> bool:
