@@ -25,7 +25,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # common.py, and swav_core from 
 from common import markdown_table, median_ms  # noqa: E402
 
 from swav_core import MultiCrop, SwaV, SwaVLoss, SwaVProjectionHead  # noqa: E402
-from swav_core.pretrain.train import SmallCNN  # noqa: E402
+from swav_core.pretrain.backbone import SmallCNN  # noqa: E402
 
 
 # --- the textbook SwAV-specific step ----------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from swav_core.pretrain import build_parser, main
-from swav_core.pretrain.data import FolderDataset, UsageError, batch_indices, batches, load_folder
+from swav_core.pretrain.data import FolderDataset, batch_indices, batches, load_folder
+from swav_core.pretrain.errors import UsageError
 
 from test_pretrain import TINY, _assert_states_equal, _ckpt, _job
 from test_pretrain_inputs import _refused
@@ -90,4 +91,4 @@ def test_folder_run_with_workers_resumes_bitwise(tmp_path):
 def test_help_says_what_input_range_the_augmentations_assume():
     text = " ".join(build_parser().format_help().split())
     assert "Input range: the crops' intensity jitter assumes values on a unit scale, about [0, 1]" in text
-    assert "uint8/uint16 files are divided by 255/65535" in text and "signed integers (CT in HU)" in text
+    assert "uint8/uint16 files and PNG/JPEG images are divided by 255/65535" in text and "signed integers (CT in HU)" in text

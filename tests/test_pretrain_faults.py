@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from swav_core.pretrain import checkpoint, main, train
-from swav_core.pretrain.data import JobError
-from swav_core.pretrain.train import SmallCNN
+from swav_core.pretrain import backbone, checkpoint, main, train
+from swav_core.pretrain.errors import JobError
+from swav_core.pretrain.backbone import SmallCNN
 
 from test_pretrain import TINY, _assert_states_equal, _ckpt, _env, _free_port, _job
 from test_pretrain_inputs import _refused
@@ -103,7 +103,7 @@ class _PoisonedCNN(SmallCNN):
 
 
 def test_a_non_finite_state_is_never_saved_and_the_last_good_checkpoint_is_kept(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "SmallCNN", _PoisonedCNN)
+    monkeypatch.setattr(backbone, "SmallCNN", _PoisonedCNN)
     message = _failed(capsys, 1, "--out", str(tmp_path), *TINY, "--steps", "20")  # checkpoints every 5 steps
     assert message.startswith("after step 10: model.backbone.features.1.running_var holds NaN or inf; "
                               f"{tmp_path / 'checkpoint.pt'} not written, the last good one is kept")
@@ -286,12 +286,13 @@ def test_no_space_at_all_or_a_read_only_folder_is_one_line(tmp_path, capsys):
 # --- signals --------------------------------------------------------------------------------------
 
 class _SignalledCNN(SmallCNN):
-    """Sends ``SIGNALS`` to its own process in its forward at step 3 (training) or in the evaluation."""
+    """Sends ``SIGNALS`` to its own process in its forward at step 3 (training) or in the evaluation (not in
+    the dry run on 2 samples that finds the feature size)."""
 
     SIGNALS, IN_TRAINING = (), True
 
     def forward(self, x):
-        self.calls = getattr(self, "calls", 0) + 1
+        self.calls = getattr(self, "calls", 0) + (len(x) > 2)
         if self.training == self.IN_TRAINING and self.calls == (4 * 2 + 1 if self.IN_TRAINING else 1):
             for sig in self.SIGNALS:
                 os.kill(os.getpid(), sig)  # the handler runs before os.kill returns to this line
@@ -299,7 +300,7 @@ class _SignalledCNN(SmallCNN):
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line_naming_the_last_saved_step(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "SmallCNN", _SignalledCNN)
+    monkeypatch.setattr(backbone, "SmallCNN", _SignalledCNN)
     monkeypatch.setattr(_SignalledCNN, "SIGNALS", (signal.SIGINT, signal.SIGINT))
     message = _failed(capsys, 130, "--out", str(tmp_path), *TINY, "--steps", "12", "--ckpt-every", "2")
     assert message == f"SIGINT again: stopped at once; the last checkpoint is {tmp_path / 'checkpoint.pt'} at step 2"
@@ -309,7 +310,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_naming_the_last_saved_step(
 def test_sigterm_during_the_final_evaluation_says_what_happens(tmp_path, capsys, monkeypatch):
     """The checkpoint of the last step is on disk when the evaluation runs: SIGTERM there stops the job
     at once, saying so, and --resume runs only the evaluation."""
-    monkeypatch.setattr(train, "SmallCNN", _SignalledCNN)
+    monkeypatch.setattr(backbone, "SmallCNN", _SignalledCNN)
     monkeypatch.setattr(_SignalledCNN, "SIGNALS", (signal.SIGTERM,))
     monkeypatch.setattr(_SignalledCNN, "IN_TRAINING", False)
     message = _failed(capsys, 130, "--out", str(tmp_path), *TINY, "--steps", "6")

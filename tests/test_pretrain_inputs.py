@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swav_core.pretrain import checkpoint, main, train
-from swav_core.pretrain.train import SmallCNN
+from swav_core.pretrain import backbone, checkpoint, main, train
+from swav_core.pretrain.backbone import SmallCNN
 
 from test_pretrain import TINY, _assert_states_equal, _ckpt, _env, _job
 
@@ -37,7 +37,7 @@ def _folder(tmp_path, files):
 
 
 FOLDERS = {  # name -> (files, what the message must say besides --data and the path)
-    "empty": ({"notes.txt": lambda p: p.write_text("x")}, "no .pt or .npy files"),
+    "empty": ({"notes.txt": lambda p: p.write_text("x")}, "no .pt, .npy, .png or .jpg files"),
     "mixed": ({"a.pt": lambda p: torch.save(torch.zeros(1, 16, 16), p),
                "b.pt": lambda p: torch.save(torch.zeros(1, 20, 20), p)}, "a.pt is (1, 16, 16) but b.pt is (1, 20, 20)"),
     "corrupt pt": ({"a.pt": lambda p: p.write_text("garbage")}, "a.pt (UnpicklingError); expected one tensor"),
@@ -170,7 +170,7 @@ class _DropoutCNN(SmallCNN):
 
 
 def test_seed_makes_a_backbone_with_dropout_reproducible_through_stop_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "SmallCNN", _DropoutCNN)
+    monkeypatch.setattr(backbone, "SmallCNN", _DropoutCNN)
     runs = {}
     for name, caller_seed, schedule in (("a", 1, [[]]), ("b", 2, [[]]), ("c", 3, [["--stop-at", "5"], ["--resume"]])):
         for extra in schedule:

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swav_core.pretrain.data import (CLASSES_2D, CLASSES_3D, UsageError, batch_indices, load_folder, synthetic2d,
-                                     synthetic3d)
+from swav_core.pretrain.data import batch_indices, load_folder
+from swav_core.pretrain.errors import UsageError
+from swav_core.pretrain.synthetic import CLASSES_2D, CLASSES_3D, synthetic2d, synthetic3d
 from swav_core.pretrain.evaluate import knn_top1, linear_top1
 from swav_core.pretrain.train import lr_at
 from strategies import examples
@@ -50,7 +51,7 @@ def test_folder_of_pt_and_npy_files(tmp_path):
 def test_folder_errors_name_the_path_and_shapes(tmp_path):
     with pytest.raises(UsageError, match="nowhere"):
         load_folder(str(tmp_path / "nowhere"))
-    with pytest.raises(UsageError, match="no .pt or .npy files"):
+    with pytest.raises(UsageError, match="no .pt, .npy, .png or .jpg files"):
         load_folder(str(tmp_path))
     torch.save(torch.zeros(1, 4, 4), tmp_path / "a.pt")
     torch.save(torch.zeros(1, 4, 5), tmp_path / "b.pt")

@@ -19,6 +19,6 @@ only the public names of ``swav_core``):
 Importing this package has no side effects; :func:`main` takes an argv list and returns an exit code.
 """
 from .cli import build_parser, main
-from .train import SmallCNN
+from .backbone import SmallCNN
 
 __all__ = ["SmallCNN", "build_parser", "main"]

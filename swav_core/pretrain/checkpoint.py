@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
-from .data import SYNTHETIC, JobError, UsageError, manifest, manifest_change
+from .data import manifest, manifest_change
+from .errors import JobError, UsageError
+from .synthetic import SYNTHETIC
 
 __all__ = ["save", "load", "problem", "first_non_finite", "write_atomic", "lock", "clear", "RUN_FILES", "gather",
            "normalised", "check_data", "resumed_options", "save_backbone", "rng_state", "set_rng_state"]

@@ -8,14 +8,15 @@ from typing import List, Optional, Tuple
 
 from .. import __version__
 from . import plot
-from .data import INPUT_RANGE, JobError, UsageError
+from .data import INPUT_RANGE
+from .errors import JobError, UsageError
 from .train import run
 
 __all__ = ["build_parser", "check_options", "main"]
 
 DESCRIPTION = """\
-Pretrain a small CNN with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate its
-frozen features by k-NN against the same network at random initialisation.
+Pretrain a small CNN (or --backbone) with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate
+its frozen features by k-NN and a linear probe against the same network at random initialisation.
 
 Writes to --out (one job at a time; a folder holding a run needs --resume or --overwrite):
 checkpoint.pt (every --ckpt-every steps, at the end, at --stop-at and on Ctrl-C or SIGTERM;
@@ -32,7 +33,8 @@ EPILOG = """\
 examples:
   python -m swav_core.pretrain                                   # the default run, ~1-2 min on 2 CPU cores
   python -m swav_core.pretrain --data synthetic3d --out runs/3d  # lesion-like 3D volumes
-  python -m swav_core.pretrain --data my_arrays/ --steps 5000    # your own .pt/.npy samples
+  python -m swav_core.pretrain --data my_images/ --steps 5000    # your own PNG/JPEG or .pt/.npy samples
+  python -m swav_core.pretrain --backbone mynets:resnet          # your own network, from mynets.py
   python -m swav_core.pretrain --resume                          # continue runs/pretrain/checkpoint.pt
   python -m swav_core.pretrain --plot runs/pretrain              # draw loss.png for a run folder
   torchrun --nproc_per_node 2 -m swav_core.pretrain              # DDP, gloo on CPU (NCCL with --device cuda)
@@ -131,8 +133,9 @@ def _run_options(group) -> None:
     group.add_argument("--out", default="runs/pretrain", help="output folder for checkpoint.pt, log.csv, metrics.json, backbone.pt, loss.png")
     group.add_argument("--data", default="synthetic2d",
                        help="synthetic2d (8 shape classes, 32x32), synthetic3d (5 lesion classes, 24^3) or a "
-                            "folder of .pt/.npy files, one sample (C,H,W) or (C,D,H,W) per file, all one shape, "
-                            "read lazily (see Input range above)")
+                            "folder of PNG/JPEG images (8-bit) or .pt/.npy arrays, one sample (C,H,W) or (C,D,H,W) "
+                            "per file, all one shape, read lazily (see Input range above); files in two or more "
+                            "subfolders are classes: labels for the evaluation, which holds out 20%% of each")
     group.add_argument("--workers", type=_non_negative, default=0,
                        help="processes reading a --data folder (0: the training process)")
     group.add_argument("--steps", type=_positive, default=1000,
@@ -201,6 +204,11 @@ def _crop_options(group) -> None:
                             "steps // 2, so its lr still decays)")
     group.add_argument("--widths", type=_widths, default=None,
                        help="channels of the CNN's stages, comma-separated (default: 16,32,64,128 for 2D, 8,16,32,64 for 3D)")
+    group.add_argument("--backbone", default=None, metavar="MODULE:CALLABLE",
+                       help="your own network instead of the built-in CNN: a function or class in MODULE (imported "
+                            "from the current folder) returning an nn.Module that maps (B,C,H,W) or (B,C,D,H,W) to "
+                            "features (B,F); called with in_channels=C when it takes that keyword. F is found by a "
+                            "dry run; backbone.pt loads into it with strict=True")
     group.add_argument("--n-train", type=_positive, default=None,
                        help="synthetic training samples (default: 4096 for 2D, 1536 for 3D)")
     group.add_argument("--n-test", type=_positive, default=1024,

@@ -1,13 +1,16 @@
-"""The job's data: the usage error, the embedded synthetic sets, a folder of arrays, the batch order.
+"""The job's data: the embedded synthetic sets or a folder read lazily, with labels where the folder has
+class subfolders, and the batch order.
 
-:class:`UsageError` and :class:`JobError` live here, in the leaf module every other part of the job may import.
+A ``--data`` folder holds one sample per file: ``.pt`` / ``.npy`` arrays (C, H, W) or (C, D, H, W), or PNG /
+JPEG images (8-bit, scaled to [0, 1]; grayscale as C = 1, colour as C = 3, alpha dropped; a folder mixing
+the two is read as colour, as torchvision's ImageFolder does). Files are found recursively. A folder whose
+files all lie in two or more subfolders (``train/cat/*.png``, ``train/dog/*.png``: ImageFolder's layout)
+gives labels, the subfolder names in sorted order; the labels only score the evaluation, pretraining never
+sees them. :data:`HELD_OUT` of each class is held out for it and not pretrained on, the same files for every
+``--seed`` (a split drawn from the file list alone, so runs of different seeds are scored alike).
 
-Synthetic sets, deterministic from a seed, with class structure (labels only score the k-NN
-evaluation; pretraining never sees them): ``synthetic2d``, 8 shape classes at a random position,
-size, rotation and contrast on a noisy background; ``synthetic3d``, 5 lesion-like classes at a random
-position, size, 3D orientation and contrast in a textured, noisy background. Shapes are soft masks
-``sigmoid(-f / pixel)`` of an approximately signed distance ``f`` (negative inside) in the shape's own
-rotated, unit-radius coordinates, so edges are anti-aliased.
+Every sample has one shape: images of different sizes are refused naming two of them, not resized (a
+resize would change what the crops' scales mean; resize them once yourself, e.g. with Pillow).
 
 Batch order, a pure function of (seed, step, rank): every epoch is a fresh permutation drawn from its
 own seeded generator, and the global batch of step t is the slice [t·B·W, (t+1)·B·W) of the
@@ -17,49 +20,32 @@ lazily, file by file, through a ``torch.utils.data.DataLoader`` that follows thi
 (:func:`batches`), so memory does not grow with the number of files.
 """
 import hashlib
-import math
 import os
 import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["UsageError", "JobError", "Data", "load_data", "FolderDataset", "load_folder", "to_unit_float", "check_sample",
-           "INPUT_RANGE", "MAX_ABS", "batch_indices", "batches", "derive_seed",
-           "synthetic2d", "synthetic3d", "CLASSES_2D", "CLASSES_3D"]
+from .errors import DataFault, UsageError
+from .synthetic import SYNTHETIC
 
-CLASSES_2D = ("disc", "ring", "square", "triangle", "plus", "ellipse", "frame", "star")
-CLASSES_3D = ("sphere", "ellipsoid", "spiculated", "hollow", "lobulated")
-EXTENSIONS = (".pt", ".npy")
+__all__ = ["Data", "load_data", "FolderDataset", "load_folder", "to_unit_float", "check_sample", "scan",
+           "INPUT_RANGE", "MAX_ABS", "HELD_OUT", "batch_indices", "batches", "derive_seed"]
 
-
-class UsageError(ValueError):
-    """Bad input to the job (an option, the data, the checkpoint): the command line reports it as
-    argparse does, one ``error:`` line and exit code 2, instead of a traceback. Messages name the
-    option and value."""
-
-
-class JobError(RuntimeError):
-    """A run that cannot go on (non-finite state, a full disk, a stalled process, an abort): the command
-    line reports it as one ``error:`` line with exit code ``code`` (1; 130 after a signal). The
-    checkpoint already on disk is kept."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
+ARRAYS, IMAGES = (".pt", ".npy"), (".png", ".jpg", ".jpeg")
+HELD_OUT = 0.2  # of each class's files, for the evaluation (at least one, never all)
 
 
 @dataclass
 class Data:
     """``train`` (N, C, *spatial) float32, in memory (a tensor) or read lazily (a :class:`FolderDataset`);
-    labels and a held-out set only where known (for k-NN)."""
+    labels and a held-out set only where known (for the evaluation)."""
 
     train: Union[torch.Tensor, "FolderDataset"]
     train_labels: Optional[torch.Tensor] = None
-    test: Optional[torch.Tensor] = None
+    test: Union[torch.Tensor, "FolderDataset", None] = None
     test_labels: Optional[torch.Tensor] = None
 
     @property
@@ -69,22 +55,50 @@ class Data:
 
 def load_data(spec: str, seed: int, n_train: Optional[int] = None, n_test: int = 1024,
               size: Optional[int] = None) -> Data:
-    """``spec`` is ``synthetic2d``, ``synthetic3d`` or a folder path (see :class:`FolderDataset`)."""
+    """``spec`` is ``synthetic2d``, ``synthetic3d`` or a folder path (see the module docstring)."""
     if spec in SYNTHETIC:
         make, default_size, default_n = SYNTHETIC[spec]
         size, n_train = size or default_size, n_train or default_n
         x, y = make(n_train, size, seed=seed)
         xt, yt = make(n_test, size, seed=seed + 7919)  # held out: another stream of the generator
         return Data(x, y, xt, yt)
-    return Data(FolderDataset(spec))
+    folder = FolderDataset(spec)
+    if folder.labels is None:
+        return Data(folder)
+    train, test = held_out_split(folder.labels)
+    return Data(folder.subset(train), folder.labels[train], folder.subset(test), folder.labels[test])
 
 
-def _numpy(path: str):
+def held_out_split(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) indices, sorted: round(:data:`HELD_OUT` · n) of each class's n samples (at least one of
+    a class of two or more, never all) drawn by a generator seeded by the class alone."""
+    train, test = [], []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        n_test = min(max(round(HELD_OUT * len(members)), 1), len(members) - 1)
+        order = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(c))]
+        test.append(order[:n_test]), train.append(order[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def scan(path: str) -> Tuple[List[str], Optional[List[str]]]:
+    """The sample files under ``path`` (relative names, sorted, found recursively) and each one's class: its
+    first subfolder when every file lies in one of two or more subfolders, else None."""
+    names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
+                   for root, _, files in os.walk(path) for f in files if f.lower().endswith(ARRAYS + IMAGES))
+    tops = [n.split("/")[0] if "/" in n else None for n in names]
+    if None in tops and any(tops):
+        raise UsageError(f"--data {path!r} holds sample files both at its top ({tops.count(None)}, e.g. "
+                         f"{names[tops.index(None)]}) and in subfolders (e.g. {next(n for n in names if '/' in n)}): "
+                         f"expected one or the other (subfolders are classes)")
+    return names, tops if len(set(tops) - {None}) >= 2 else None
+
+
+def _module(name: str, extra: str, path: str):
     try:
-        import numpy as np  # optional, only for .npy folders
+        return __import__(name)
     except ImportError as e:
-        raise UsageError(f"--data: reading {path} needs numpy; install it or save the arrays as .pt") from e
-    return np
+        raise UsageError(f"--data: reading {path} needs {extra.split()[0]}: pip install -e \".[{extra.split()[1]}]\"") from e
 
 
 def _torch_load(path: str, mmap: bool):
@@ -96,11 +110,37 @@ def _torch_load(path: str, mmap: bool):
     return torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never arbitrary code
 
 
-def _read(path: str, peek: bool = False) -> torch.Tensor:
+GRAY_MODES, COLOUR_MODES = ("1", "L", "LA", "La"), ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+def _read_image(path: str, peek: bool, channels: Optional[int]) -> torch.Tensor:
+    """An 8-bit image as uint8 (C, H, W): C = ``channels``, or 1 for a grayscale image and 3 for a colour one."""
+    Image = _module("PIL.Image", "Pillow images", path).Image
+    try:
+        with Image.open(path) as img:
+            if img.mode not in GRAY_MODES + COLOUR_MODES:
+                raise UsageError(f"--data: {path} is a {img.mode} image; expected an 8-bit grayscale or colour "
+                                 f"PNG/JPEG (save other images as .npy or .pt)")
+            c = channels or (1 if img.mode in GRAY_MODES else 3)
+            w, h = img.size
+            if peek:
+                return torch.empty(c, h, w, dtype=torch.uint8, device="meta")
+            pixels = img.convert("L" if c == 1 else "RGB").tobytes()
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"--data: cannot read {path} ({type(e).__name__}); expected a PNG or JPEG image") from e
+    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(h, w, c).permute(2, 0, 1).contiguous()
+
+
+def _read(path: str, peek: bool = False, channels: Optional[int] = None) -> torch.Tensor:
     """One sample as stored; ``peek``: only its shape and dtype (a meta or memory-mapped tensor, no
-    values read). A file that cannot be read is a :class:`UsageError` naming it."""
+    values read); ``channels``: an image's, as the folder reads it. A file that cannot be read is a
+    :class:`UsageError` naming it."""
+    if path.lower().endswith(IMAGES):
+        return _read_image(path, peek, channels)
     if path.endswith(".npy"):
-        np = _numpy(path)
+        np = _module("numpy", "numpy arrays", path)
         try:
             a = np.load(path, mmap_mode="r" if peek else None, allow_pickle=False)
             dtype = torch.from_numpy(np.empty(0, a.dtype)).dtype
@@ -123,9 +163,9 @@ def _read(path: str, peek: bool = False) -> torch.Tensor:
 MAX_ABS = 1e6
 UNIT_SCALE = {torch.bool: 1.0, torch.uint8: 255.0, torch.uint16: 65535.0}
 INPUT_RANGE = ("the crops' intensity jitter assumes values on a unit scale, about [0, 1]: float files are used "
-               "as they are (normalise them yourself), uint8/uint16 files are divided by 255/65535, bool files "
-               "give 0/1; signed integers (CT in HU) have no fixed unit range and are refused: window and scale "
-               "them to [0, 1] yourself and save float32")
+               "as they are (normalise them yourself), uint8/uint16 files and PNG/JPEG images are divided by "
+               "255/65535, bool files give 0/1; signed integers (CT in HU) have no fixed unit range and are "
+               "refused: window and scale them to [0, 1] yourself and save float32")
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -155,32 +195,46 @@ def check_sample(x: torch.Tensor, path: str) -> None:
 
 
 class FolderDataset(Dataset):
-    """A folder of ``.pt`` / ``.npy`` files, one sample per file, read lazily: sample ``i`` is the
-    ``i``-th file in sorted name order, (C, H, W) or (C, D, H, W) as float32 (:func:`to_unit_float`).
+    """The sample files of a folder (:func:`scan`), read lazily: sample ``i`` is the ``i``-th file in sorted
+    name order, (C, H, W) or (C, D, H, W) as float32 (:func:`to_unit_float`); ``labels`` (N,) the class
+    index of each (``classes``: their names) when the folder has class subfolders, else None.
 
-    The constructor reads every file once, one at a time (float values are checked, integer files
-    are only mapped for their shape and dtype), so a bad file is refused before training and memory
+    The constructor reads every file once, one at a time (float values are checked, integer files and
+    images are only opened for their shape and dtype), so a bad file is refused before training and memory
     holds the file names only. ``shape`` is (N, C, *spatial).
     """
 
     def __init__(self, path: str):
         if not os.path.isdir(path):
-            raise UsageError(f"--data {path!r}: no such folder (expected synthetic2d, synthetic3d or a folder of .pt/.npy files)")
-        names = sorted(f for f in os.listdir(path) if f.endswith(EXTENSIONS))
+            raise UsageError(f"--data {path!r}: no such folder (expected synthetic2d, synthetic3d or a folder of "
+                             f".pt/.npy/.png/.jpg files)")
+        names, tops = scan(path)
         if not names:
-            raise UsageError(f"--data {path!r}: the folder holds no .pt or .npy files")
+            raise UsageError(f"--data {path!r}: the folder holds no .pt, .npy, .png or .jpg files")
         self.files = [os.path.join(path, name) for name in names]
+        self.classes = sorted(set(tops)) if tops else None
+        self.labels = torch.tensor([self.classes.index(t) for t in tops]) if tops else None
+        colour = [f for f in self.files if f.lower().endswith(IMAGES) and _read(f, peek=True).shape[0] == 3]
+        self.channels = 3 if colour else None  # images: colour if any is, as ImageFolder reads them
         first: Dict[tuple, str] = {}  # shape -> the first file of that shape
         for name, file in zip(names, self.files):
-            x = _read(file, peek=True)
+            x = _read(file, peek=True, channels=self.channels)
             if x.dtype.is_floating_point and x.is_meta:  # a .npy: numpy's memory map, read the values
                 x = _read(file)
             check_sample(x, file)
             first.setdefault(tuple(x.shape), name)
             if len(first) > 1:
                 (s0, f0), (s1, f1) = list(first.items())[:2]
-                raise UsageError(f"--data {path!r}: files have different shapes: {f0} is {s0} but {f1} is {s1}")
+                raise UsageError(f"--data {path!r}: files have different shapes: {f0} is {s0} but {f1} is {s1}; "
+                                 f"expected one shape (resize images to one size first)")
         self.shape = (len(names),) + next(iter(first))
+
+    def subset(self, indices: torch.Tensor) -> "FolderDataset":
+        """The samples ``indices`` (sorted), read as this folder reads them."""
+        part = object.__new__(FolderDataset)
+        part.__dict__.update(self.__dict__, files=[self.files[i] for i in indices.tolist()],
+                             shape=(len(indices),) + self.shape[1:])
+        return part
 
     def __len__(self) -> int:
         return len(self.files)
@@ -189,7 +243,7 @@ class FolderDataset(Dataset):
         """Sample ``i``; a file that changed since the scan (deleted, unreadable, another shape, values not
         finite) is a :class:`DataFault` naming it: a fault of the run, not of its options."""
         try:
-            x = _read(self.files[i])
+            x = _read(self.files[i], channels=self.channels)
             check_sample(x, self.files[i])
         except UsageError as e:
             raise DataFault(str(e).replace("--data: ", "", 1)) from None
@@ -198,15 +252,10 @@ class FolderDataset(Dataset):
         return to_unit_float(x)
 
 
-class DataFault(JobError):
-    """A ``--data`` file that changed during the run; ``str()`` is one line naming it."""
-
-
 def manifest(path: str) -> List[List]:
     """[name, size in bytes] of each sample file of a ``--data`` folder, in sample order: what a resumed run
     compares (a folder changed between sessions would silently train on other samples)."""
-    names = sorted(f for f in os.listdir(path) if f.endswith(EXTENSIONS))
-    return [[name, os.path.getsize(os.path.join(path, name))] for name in names]
+    return [[name, os.path.getsize(os.path.join(path, name))] for name in scan(path)[0]]
 
 
 def manifest_change(saved: List[List], now: List[List]) -> Optional[str]:
@@ -276,129 +325,3 @@ def _quiet_worker(worker_id: int) -> None:
     default = sys.excepthook
     sys.excepthook = lambda kind, error, trace: None if issubclass(kind, ConnectionError) else default(
         kind, error, trace)
-
-
-# --- synthetic sets -------------------------------------------------------------------------------
-
-_CHUNK = 256  # samples rendered at once, to bound memory
-
-
-def _u(g: torch.Generator, *shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(*shape, generator=g)
-
-
-def _shape2d(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Signed distance (negative inside) of each sample's shape at local coordinates.
-
-    Shape:
-        label: (B,); u, v: (B, H, W) rotated, unit-radius coordinates. Output: (B, H, W).
-    """
-    rho, phi = torch.hypot(u, v), torch.atan2(v, u)
-    au, av = u.abs(), v.abs()
-    s3 = math.sqrt(3.0) / 2.0
-    f = torch.stack([
-        rho - 1.0,  # disc
-        (rho - 0.72).abs() - 0.28,  # ring
-        torch.maximum(au, av) - 0.8,  # square
-        torch.stack([-v - 0.6, s3 * u + 0.5 * v - 0.6, -s3 * u + 0.5 * v - 0.6]).amax(0),  # triangle
-        torch.minimum(torch.maximum(au - 1.0, av - 0.3), torch.maximum(av - 1.0, au - 0.3)),  # plus
-        (torch.hypot(u, v / 0.4) - 1.0) * 0.4,  # ellipse
-        (torch.maximum(au, av) - 0.72).abs() - 0.2,  # frame
-        rho - (0.62 + 0.33 * torch.cos(5.0 * phi)),  # star
-    ])  # (8, B, H, W)
-    return f.gather(0, label.view(1, -1, 1, 1).expand(1, *u.shape)).squeeze(0)
-
-
-def synthetic2d(n: int, size: int = 32, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``n`` grayscale shape images, (n, 1, size, size) float32 roughly in [-0.5, 1.5], and labels (n,).
-
-    Each image: a shape of class ``label`` (uniform over :data:`CLASSES_2D`), centre offset
-    U(-0.3, 0.3), radius U(0.3, 0.55) of the half-width, rotation U(0, 2π), contrast U(0.6, 1)
-    over a background level U(-0.1, 0.1) with a random linear ramp (slopes U(-0.05, 0.05)), plus
-    Gaussian noise of standard deviation σ ~ U(0.04, 0.06). The nuisance ranges are moderate on
-    purpose: a statistic that every crop of an image shares (say a widely varying noise level) is a
-    shortcut SwAV's crops can match without looking at the shape.
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    labels = torch.randint(len(CLASSES_2D), (n,), generator=g)
-    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2.0 - 1.0  # pixel centres in [-1, 1]
-    yy, xx = torch.meshgrid(t, t, indexing="ij")  # (H, W)
-    out = []
-    for lab in labels.split(_CHUNK):
-        B = lab.shape[0]
-        cx, cy = _u(g, B, 1, 1, lo=-0.3, hi=0.3), _u(g, B, 1, 1, lo=-0.3, hi=0.3)
-        r, th = _u(g, B, 1, 1, lo=0.3, hi=0.55), _u(g, B, 1, 1, hi=2 * math.pi)
-        contrast, bg = _u(g, B, 1, 1, lo=0.6, hi=1.0), _u(g, B, 1, 1, lo=-0.1, hi=0.1)
-        ramp, sigma = _u(g, B, 2, 1, 1, lo=-0.05, hi=0.05), _u(g, B, 1, 1, lo=0.04, hi=0.06)
-        dx, dy = xx - cx, yy - cy  # (B, H, W)
-        u = (torch.cos(th) * dx + torch.sin(th) * dy) / r
-        v = (-torch.sin(th) * dx + torch.cos(th) * dy) / r
-        pixel = (2.0 / size) / r  # one pixel in local units
-        mask = torch.sigmoid(-_shape2d(lab, u, v) / pixel)
-        img = bg + ramp[:, 0] * xx + ramp[:, 1] * yy + contrast * mask
-        img = img + sigma * torch.randn(B, size, size, generator=g)
-        out.append(img.unsqueeze(1))
-    return torch.cat(out), labels
-
-
-def _rotations(g: torch.Generator, n: int) -> torch.Tensor:
-    """(n, 3, 3) random rotation matrices (QR of a Gaussian with the sign fixed)."""
-    q, r = torch.linalg.qr(torch.randn(n, 3, 3, generator=g, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    q[torch.det(q) < 0, :, 0] *= -1
-    return q.float()
-
-
-def _shape3d(label: torch.Tensor, p: torch.Tensor, spikes: torch.Tensor) -> torch.Tensor:
-    """Signed distance (negative inside) per sample. p: (B, 3, N) local points; spikes: (B, M, 3)."""
-    px, py, pz = p.unbind(1)  # (B, N) each
-    rho = torch.sqrt(px * px + py * py + pz * pz).clamp_min(1e-6)
-    f = torch.empty_like(rho)
-    for c in range(len(CLASSES_3D)):
-        sel = label == c
-        r, x, y, z = rho[sel], px[sel], py[sel], pz[sel]
-        if c == 0:  # sphere
-            f[sel] = r - 1.0
-        elif c == 1:  # ellipsoid, 2:1:1
-            f[sel] = (torch.sqrt(x**2 + (y / 0.5) ** 2 + (z / 0.5) ** 2) - 1.0) * 0.5
-        elif c == 2:  # spiculated: a core with sharp radial spikes along M random directions
-            spike = torch.einsum("bmc,bcn->bmn", spikes[sel], p[sel] / r.unsqueeze(1)).clamp_min(0).pow(24).amax(1)
-            f[sel] = r - (0.6 + 0.5 * spike)
-        elif c == 3:  # hollow shell
-            f[sel] = (r - 0.72).abs() - 0.25
-        else:  # lobulated
-            f[sel] = r - (0.75 + 0.25 * torch.cos(3 * torch.atan2(y, x)) * torch.cos(2 * z / r))
-    return f
-
-
-def synthetic3d(n: int, size: int = 24, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``n`` lesion-like volumes, (n, 1, size, size, size) float32, and labels (n,).
-
-    Each volume: a lesion of class ``label`` (uniform over :data:`CLASSES_3D`), centre offset
-    U(-0.25, 0.25)³, radius U(0.35, 0.55) of the half-width, a random 3D orientation, contrast
-    U(0.6, 1) over a background level U(-0.1, 0.1), in a smooth random texture (average-pooled
-    noise) plus white noise σ ~ U(0.04, 0.06).
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    labels = torch.randint(len(CLASSES_3D), (n,), generator=g)
-    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2.0 - 1.0
-    grid = torch.stack(torch.meshgrid(t, t, t, indexing="ij")).reshape(3, -1)  # (3, N) as (z, y, x)
-    out = []
-    for lab in labels.split(_CHUNK):
-        B = lab.shape[0]
-        centre, r = _u(g, B, 3, 1, lo=-0.25, hi=0.25), _u(g, B, 1, 1, lo=0.35, hi=0.55)
-        rot = _rotations(g, B)  # (B, 3, 3)
-        spikes = F.normalize(torch.randn(B, 7, 3, generator=g), dim=-1)
-        contrast, bg = _u(g, B, 1, 1, 1, 1, lo=0.6, hi=1.0), _u(g, B, 1, 1, 1, 1, lo=-0.1, hi=0.1)
-        sigma = _u(g, B, 1, 1, 1, 1, lo=0.04, hi=0.06)
-        p = torch.einsum("bij,bjn->bin", rot, grid - centre) / r  # (B, 3, N) local coordinates
-        pixel = (2.0 / size) / r.squeeze(1)  # (B, 1)
-        mask = torch.sigmoid(-_shape3d(lab, p, spikes) / pixel).view(B, 1, size, size, size)
-        texture = F.avg_pool3d(torch.randn(B, 1, size, size, size, generator=g), 5, 1, 2) * 0.6
-        vol = bg + texture + contrast * mask + sigma * torch.randn(B, 1, size, size, size, generator=g)
-        out.append(vol)
-    return torch.cat(out), labels
-
-
-# name -> (generator, default size, default number of training samples)
-SYNTHETIC = {"synthetic2d": (synthetic2d, 32, 4096), "synthetic3d": (synthetic3d, 24, 1536)}

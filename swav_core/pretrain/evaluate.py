@@ -11,6 +11,7 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .data import Data
 
@@ -34,16 +35,17 @@ def evaluate(backbone: nn.Module, init_backbone: nn.Module, data: Data, device: 
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, x: torch.Tensor, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+def embed(backbone: nn.Module, x, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
     """L2-normalised ``backbone`` features of every sample, in eval mode (BatchNorm running stats).
 
     Shape:
-        x: (N, C, *spatial). Output: (N, D) float32 on the CPU.
+        x: (N, C, *spatial), a tensor or a dataset of samples (a ``--data`` folder). Output: (N, D) float32 on the CPU.
     """
     was_training = backbone.training
     backbone.eval()
     try:
-        out = [backbone(chunk.to(device)).flatten(1).float().cpu() for chunk in x.split(batch_size)]
+        chunks = x.split(batch_size) if torch.is_tensor(x) else DataLoader(x, batch_size=batch_size)  # a folder
+        out = [backbone(chunk.to(device)).flatten(1).float().cpu() for chunk in chunks]
     finally:
         backbone.train(was_training)
     return F.normalize(torch.cat(out), dim=1)

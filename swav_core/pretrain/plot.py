@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import report
 from .checkpoint import write_atomic
-from .data import UsageError
+from .errors import UsageError
 
 __all__ = ["write", "hint"]
 

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from .data import JobError
+from .errors import JobError
 
 __all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "duration", "progress_line", "queue_line", "crops_text", "summary",
            "read_log", "kept_log", "append_log", "metrics_text"]

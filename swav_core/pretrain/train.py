@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,43 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import MemoryBankModule, MultiCrop, SwaV, SwaVLoss, __version__, training_health
 from ..health import COLLAPSED
+from . import backbone as nets
 from . import checkpoint, plot, report
-from .data import SYNTHETIC, Data, DataFault, JobError, UsageError, batches, derive_seed, load_data, manifest
+from .data import Data, batches, derive_seed, load_data, manifest
+from .errors import DataFault, JobError, UsageError
+from .synthetic import SYNTHETIC
 from .evaluate import evaluate
 
-__all__ = ["run", "lr_at", "SmallCNN", "StopRequest", "rank", "world_size"]
-
-
-class SmallCNN(nn.Module):
-    """Conv-BN-ReLU stages, each halving the resolution after the first, then global average pooling.
-
-    Works on any input size ≥ 2^(len(widths) - 1), so high- and low-resolution crops share it.
-
-    Args:
-        in_channels: input channels C.
-        dims: 2 for images (B, C, H, W), 3 for volumes (B, C, D, H, W). Default: 2
-        widths: output channels of each 3×3(×3) stage. Default: (16, 32, 64, 128)
-
-    Shape:
-        input: (B, C, H, W) or (B, C, D, H, W). Output: (B, widths[-1]), the SwaV ``num_ftrs``.
-    """
-
-    def __init__(self, in_channels: int = 1, dims: int = 2, widths: Sequence[int] = (16, 32, 64, 128)):
-        super().__init__()
-        if dims not in (2, 3):
-            raise ValueError(f"dims must be 2 or 3, got {dims!r}")
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
-        pool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
-        layers, c = [], in_channels
-        for i, w in enumerate(widths):
-            layers += [conv(c, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False), norm(w), nn.ReLU(inplace=True)]
-            c = w
-        self.features = nn.Sequential(*layers, pool, nn.Flatten(1))
-        self.num_ftrs = c
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)  # (B, num_ftrs)
+__all__ = ["run", "lr_at", "StopRequest", "rank", "world_size"]
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
@@ -185,10 +156,12 @@ def _build(args: argparse.Namespace, data: Data, device: torch.device):
                          f"{tuple(spatial)}, the low-resolution size defaults to half the high one): expected >= 2")
     crops = MultiCrop(high, low, n_high=2, n_low=args.n_low,
                       high_scale=args.high_scale, low_scale=args.low_scale, intensity=args.intensity)
+    sample = data.train.shape[1:]
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, the caller's RNG left as it was
         torch.manual_seed(args.seed)  # the same initialisation on every rank and on resume
-        backbone = SmallCNN(data.train.shape[1], data.dims, args.widths)
-        model = SwaV(backbone, backbone.num_ftrs, args.out_dim, args.prototypes,
+        backbone = nets.build(args.backbone, sample[0], data.dims, args.widths)
+        shapes = [(sample[0],) + (size,) * data.dims for size in (high, low)]
+        model = SwaV(backbone, nets.feature_size(backbone, args.backbone, shapes), args.out_dim, args.prototypes,
                      n_queues=2 if args.queue_length else 0, queue_length=args.queue_length,
                      n_steps_frozen_prototypes=args.freeze_prototypes_steps,
                      group_crops_by_resolution=args.group_crops_by_resolution).to(device)
@@ -274,6 +247,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.fsdp and not _has_fsdp2():
         raise UsageError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch {torch.__version__} "
                          "lacks: drop --fsdp to use DistributedDataParallel")
+    if args.backbone and args.widths:
+        raise UsageError(f"--widths sets the built-in SmallCNN's stages; with --backbone {args.backbone}, set them "
+                         f"in your own function")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch.cuda.is_available() is False (use --device cpu)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -351,7 +327,7 @@ def _with_data_defaults(args: argparse.Namespace, data: Data) -> argparse.Namesp
     return argparse.Namespace(**{
         **vars(args),
         "batch_size": args.batch_size or (64 if two_d else 32),
-        "widths": tuple(args.widths or ((16, 32, 64, 128) if two_d else (8, 16, 32, 64))),
+        "widths": None if args.backbone else tuple(args.widths or ((16, 32, 64, 128) if two_d else (8, 16, 32, 64))),
         "n_train": len(data.train) if args.data in SYNTHETIC else args.n_train,
     })
 
@@ -735,7 +711,7 @@ def _finish(args, config, data, model, init_backbone, crops, device, progress: _
             crops_per_s=round(args.batch_size * n_crops * world_size() * args.steps / max(progress.seconds, 1e-9), 1),
             device=str(device), world_size=world_size(), n_train=len(data.train), swav_core=__version__,
             config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-            backbone={"in_channels": data.train.shape[1], "dims": data.dims, "widths": list(args.widths)},  # SmallCNN(**)
+            backbone=nets.describe(args.backbone, backbone, data.train.shape[1]),  # what rebuilds it
         )
         checkpoint.write_atomic(path, lambda f: f.write(report.metrics_text(metrics).encode()))
         checkpoint.save_backbone(os.path.join(args.out, "backbone.pt"), backbone)
