@@ -8,51 +8,12 @@ from torch import nn
 __all__ = ["SwaVProjectionHead", "SwaVPrototypes"]
 
 
-def _int(name: str, value, low: int) -> int:
-    """``value`` as an int >= ``low``: an int, NumPy integer or 0-dim integer tensor, not a bool."""
-    try:
-        if not isinstance(value, bool) and operator.index(value) >= low:
-            return operator.index(value)
-    except TypeError:
-        pass
-    raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
-
-
-def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
-    np_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
-    try:
-        if isinstance(value, bool) or np_bool or operator.index(value) in (0, 1):
-            return bool(value)
-    except TypeError:
-        pass
-    raise ValueError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_features(x, dim: int, what: str, dtype: torch.dtype) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{what} expects features of shape (B, {dim}), got {shape}")
-    autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point()  # it casts all but float64
-    if x.dtype != dtype and not (autocast and torch.float64 not in (x.dtype, dtype)):
-        raise ValueError(f"{what} expects {dtype} features (under autocast: not float64), got {x.dtype}")
-
-
 class SwaVProjectionHead(nn.Module):
-    """Projection MLP ``z = W₂ ReLU(BN(W₁ h)) + b₂`` from backbone features h to the code space.
+    """Projection MLP ``z = W₂ ReLU(BN(W₁ h)) + b₂`` from backbone features h (B, input_dim) to codes
+    (B, output_dim) of the code space, not normalised (SwaV does that); hidden width ``hidden_dim``.
 
-    Args:
-        input_dim: backbone feature dim. Default: 2048
-        hidden_dim: hidden width. Default: 2048
-        output_dim: code dim D. Default: 128
-
-    Shape:
-        x: (B, input_dim) → (B, output_dim), not normalised (SwaV does that).
-
-    Example:
-        >>> head = SwaVProjectionHead(512, 256, 128)
-        >>> head(torch.randn(8, 512)).shape
-        torch.Size([8, 128])
+    >>> SwaVProjectionHead(input_dim=512, hidden_dim=256, output_dim=128)(torch.randn(8, 512)).shape
+    torch.Size([8, 128])
     """
 
     def __init__(self, input_dim: int = 2048, hidden_dim: int = 2048, output_dim: int = 128):
@@ -80,20 +41,13 @@ class SwaVPrototypes(nn.Module):
     ``.grad`` is set to None after backward and DDP's write-back, as in FAIR's loop, so the optimizer skips
     them (a zero gradient would not: momentum, Adam's L2); forward and ``requires_grad`` stay, as DDP needs.
 
-    Args:
-        input_dim: code dim D. Default: 128
-        n_prototypes: K, or a list of K's for several heads. Default: 3000
-        n_steps_frozen_prototypes: optimizer steps during which the prototypes stay fixed. Default: 0
-        bias: a per-prototype bias (lightly ≥ 1.2.31 and fmcib; not the paper). Default: False
+    Args: ``input_dim`` D; ``n_prototypes`` K, or a list of K's for several heads (then a list of (B, K_h) comes
+    out); ``n_steps_frozen_prototypes`` (optimizer steps); ``bias``, per prototype (lightly ≥ 1.2.31, fmcib).
 
-    Shape:
-        x: (B, D) → (B, K), or a list of (B, K_h) when ``n_prototypes`` is a list.
-
-    Example:
-        >>> protos = SwaVPrototypes(128, 3000, n_steps_frozen_prototypes=313)
-        >>> protos.normalize()
-        >>> protos(torch.randn(8, 128), step=0).shape
-        torch.Size([8, 3000])
+    >>> protos = SwaVPrototypes(128, 3000, n_steps_frozen_prototypes=313)
+    >>> protos.normalize()
+    >>> protos(torch.randn(8, 128), step=0).shape
+    torch.Size([8, 3000])
     """
 
     def __init__(self, input_dim: int = 128, n_prototypes: Union[int, Sequence[int]] = 3000,
@@ -102,8 +56,7 @@ class SwaVPrototypes(nn.Module):
         self.input_dim = _int("input_dim", input_dim, 1)
         self.multi_head = isinstance(n_prototypes, (list, tuple))
         if self.multi_head and not n_prototypes:
-            raise ValueError("n_prototypes must be a positive int or a non-empty list of them, "
-                             f"got {n_prototypes!r}")
+            raise ValueError(f"n_prototypes must be a positive int or a non-empty list of them, got {n_prototypes!r}")
         name = "every entry of n_prototypes" if self.multi_head else "n_prototypes"
         ks = [_int(name, k, 1) for k in (n_prototypes if self.multi_head else [n_prototypes])]
         self.n_prototypes = ks if self.multi_head else ks[0]
@@ -114,11 +67,7 @@ class SwaVPrototypes(nn.Module):
     def forward(self, x: torch.Tensor, step: Optional[int] = None) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Scores x Cᵀ (+ b): (B, D) → (B, K), or a list over heads; frozen while ``step`` < n (see above)."""
         _check_features(x, self.input_dim, "SwaVPrototypes", self.heads[0].weight.dtype)
-        n = self.n_steps_frozen_prototypes  # without a gradient: nothing to freeze, no step to check
-        if n > 0 and step is None and self.training and torch.is_grad_enabled():
-            raise ValueError(f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) "
-                             "while training")
-        frozen = n > 0 and step is not None and torch.is_grad_enabled() and _int("step", step, 0) < n
+        frozen = self._frozen(step)
         scores = [head(x) for head in self.heads]  # [(B, K_h)]
         for s in scores:
             if frozen and s.requires_grad:
@@ -126,10 +75,11 @@ class SwaVPrototypes(nn.Module):
         return scores if self.multi_head else scores[0]
 
     def _clear_grads_after_backward(self, grad: torch.Tensor) -> None:
+        """Set ``.grad`` to None once backward is over (once per crop: twice is harmless). DDP writes its all-reduced
+        gradients into ``.grad`` from a callback it queues in a hook; a callback queued by a callback runs after."""
         engine = torch.autograd.Variable._execution_engine
-        # DDP writes the all-reduced grads into .grad from a callback queued after this hook; one queued
-        # by a callback runs after that, so ours comes last (once per crop: clearing twice is harmless).
-        engine.queue_callback(lambda: engine.queue_callback(lambda: self.heads.zero_grad(set_to_none=True)))
+        clear = lambda: self.heads.zero_grad(set_to_none=True)  # noqa: E731
+        engine.queue_callback(lambda: engine.queue_callback(clear))  # queued after DDP's write-back
 
     @torch.no_grad()
     def normalize(self) -> None:
@@ -139,8 +89,48 @@ class SwaVPrototypes(nn.Module):
             w = head.weight  # (K, D)
             norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float64)  # (K, 1)
             tol = torch.finfo(w.dtype).eps if w.dtype != torch.float64 else 1e-12
-            w.copy_(w.double() * torch.where((norm - 1).abs() > tol, 1 / norm.clamp_min(1e-12), 1.0))
+            scale = torch.where((norm - 1).abs() > tol, 1 / norm.clamp_min(1e-12), 1.0)  # (K, 1) 1 for unit rows
+            w.copy_(w.double() * scale)
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, n_prototypes={self.n_prototypes}, "
                 f"n_steps_frozen_prototypes={self.n_steps_frozen_prototypes}, bias={self.bias}")
+
+    def _frozen(self, step) -> bool:  # step < n with a gradient: then only is step needed (nothing else to freeze)
+        n = self.n_steps_frozen_prototypes
+        if n > 0 and step is None and self.training and torch.is_grad_enabled():
+            raise ValueError(f"SwaVPrototypes(n_steps_frozen_prototypes={n}) needs forward(x, step=...) "
+                             "while training")
+        return n > 0 and step is not None and torch.is_grad_enabled() and _int("step", step, 0) < n
+
+
+# --- argument checks --------------------------------------------------------------------------------
+
+def _int(name: str, value, low: int) -> int:
+    """``value`` as an int >= ``low``: an int, NumPy integer or 0-dim integer tensor, not a bool."""
+    try:
+        if not isinstance(value, bool) and operator.index(value) >= low:
+            return operator.index(value)
+    except TypeError:
+        pass
+    kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _flag(name: str, value) -> bool:
+    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a truthy "no" is refused."""
+    try:  # NumPy's bool (class bool_, or bool in NumPy 2) has no __index__
+        if type(value).__name__ in ("bool", "bool_") or operator.index(value) in (0, 1):
+            return bool(value)
+    except TypeError:
+        pass
+    raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_features(x, dim: int, what: str, dtype: torch.dtype) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != dim:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what} expects features of shape (B, {dim}), got {shape}")
+    autocast = torch.is_autocast_enabled(x.device.type) and x.is_floating_point()  # it casts all but float64
+    if x.dtype != dtype and not (autocast and torch.float64 not in (x.dtype, dtype)):
+        raise ValueError(f"{what} expects {dtype} features (under autocast: not float64), got {x.dtype}")

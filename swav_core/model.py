@@ -1,6 +1,5 @@
 """fmcib's ``SwaV`` (``fmcib.ssl.modules.SwaV``): same constructor, attributes, forward; fixes in README."""
 import itertools
-import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .heads import SwaVProjectionHead, SwaVPrototypes
+from .heads import SwaVProjectionHead, SwaVPrototypes, _flag, _int
 from .memory_bank import MemoryBankModule, _eager
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head
@@ -21,30 +20,21 @@ class SwaV(nn.Module):
     normalisation (z) → scores zᵀc_k against the prototypes (normalised every forward). A full queue of a
     high-resolution crop's past z is re-scored too (no gradient): Sinkhorn then sees more than one batch.
 
-    Args:
-        backbone: module mapping a crop batch (B, C, *spatial) to features (B, num_ftrs, ...).
-        num_ftrs: D_in, the flattened backbone output size.
-        out_dim: D, the projection (and prototype) dimension.
-        n_prototypes: K, an int, or a list of ints for several prototype heads.
-        n_queues: number of queues, which must equal the number of high-resolution crops; 0 for none.
-        queue_length: rows per queue (fmcib: 3840): it is first used ceil(queue_length / B) steps after the
-            queue starts, and with more rows than the data's N samples it holds each one queue_length / N
-            times. Default: 0
-        start_queue_at_epoch: queue scores are returned only from this epoch on. Default: 0
-        n_steps_frozen_prototypes: optimisation steps during which the prototypes do not train. Default: 0
-        prototype_bias: prototypes with a bias, as lightly >= 1.2.31 and fmcib. Default: False
-        group_crops_by_resolution: one backbone call per run of same-shape crops, as FAIR. Default: False
+    Args: ``backbone`` (B, C, *spatial) → (B, num_ftrs, ...); ``num_ftrs`` D_in, flattened; ``out_dim`` D;
+    ``n_prototypes`` K, or a list for several heads; ``n_queues``: one per high-resolution crop, or 0;
+    ``queue_length`` (fmcib: 3840): a queue is first used ceil(queue_length / B) steps after it starts, and with
+    more rows than the data's N samples holds each queue_length / N times; ``start_queue_at_epoch``: queue scores
+    from this epoch on; ``n_steps_frozen_prototypes`` (optimisation steps); ``prototype_bias`` (lightly ≥
+    1.2.31, fmcib); ``group_crops_by_resolution``: one backbone call per run of same-shape crops, as FAIR.
 
-    Shape:
-        forward((high-res crops, low-res crops), epoch, step), crops (B, C, *spatial) → (high: V1 × (B, K),
-        low: V2 × (B, K), queue: V1 × (queue_length, K) or None); several heads: (·, K) → a list over heads.
+    ``model((high-res crops, low-res crops), epoch, step=step)``, crops (B, C, *spatial) → (high: V1 × (B, K),
+    low: V2 × (B, K), queue: V1 × (queue_length, K) or None); several heads: (·, K) → a list over heads.
 
-    Example:
-        >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
-        >>> model = SwaV(backbone, num_ftrs=8, out_dim=4, n_prototypes=10, n_queues=0)
-        >>> high, low, queue = model(([torch.randn(2, 3, 16, 16)] * 2, [torch.randn(2, 3, 8, 8)]))
-        >>> [s.shape for s in high + low], queue
-        ([torch.Size([2, 10]), torch.Size([2, 10]), torch.Size([2, 10])], None)
+    >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
+    >>> model = SwaV(backbone, num_ftrs=8, out_dim=4, n_prototypes=10, n_queues=0)
+    >>> high, low, queue = model(([torch.randn(2, 3, 16, 16)] * 2, [torch.randn(2, 3, 8, 8)]))
+    >>> [s.shape for s in high + low], queue
+    ([torch.Size([2, 10]), torch.Size([2, 10]), torch.Size([2, 10])], None)
     """
 
     def __init__(self, backbone: nn.Module, num_ftrs: int, out_dim: int,
@@ -65,14 +55,10 @@ class SwaV(nn.Module):
         queues = [MemoryBankModule(size=(self.queue_length, out_dim)) for _ in range(n_queues)]
         self.queues: Optional[nn.ModuleList] = nn.ModuleList(queues) if queues else None
 
-    def extra_repr(self) -> str:
-        return (f"num_ftrs={self.num_ftrs}, queue_length={self.queue_length}, start_queue_at_epoch="
-                f"{self.start_queue_at_epoch}, group_crops_by_resolution={self.group_crops_by_resolution}")
-
     @_eager(recursive=False)
     def __call__(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], epoch: Optional[int] = None,
                  step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
-        high, low, epoch = self._check_input(input, epoch, step)  # before any state changes
+        high, low, epoch = _check_input(self, input, epoch, step)  # before any state changes
         # The prototypes are normalised where they are stored, before any forward hook runs: FSDP2's
         # pre-forward hook swaps in a temporary unsharded copy, on which the normalisation would be lost.
         self.prototypes.normalize()
@@ -89,50 +75,6 @@ class SwaV(nn.Module):
         high_z = rearrange(z, "(v b) d -> v b d", v=n_crops)[:n_high]  # (V1, B, D)
         return scores[:n_high], scores[n_high:], self._queue_scores(high_z, epoch, step)
 
-    def _check_input(self, input, epoch, step) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
-        if isinstance(epoch, (tuple, list)):  # lightly's model(high, low, ...): the crops as two arguments
-            raise ValueError(f"SwaV takes the crops as one pair: model((high_resolution_crops, low_resolution_crops), "
-                             f"epoch, step=step), got a {type(epoch).__name__} as epoch")
-        if not isinstance(input, (tuple, list)) or len(input) != 2:
-            n = len(input) if hasattr(input, "__len__") else "?"
-            raise ValueError("input must be a pair (high_resolution_crops, low_resolution_crops), "
-                             f"got {type(input).__name__} of length {n}: call model((high, low), epoch, step=step)")
-        for name, crops in zip(("high-resolution", "low-resolution"), input):
-            if not isinstance(crops, (tuple, list)):
-                is_tensor = torch.is_tensor(crops)
-                got = f"a tensor of shape {tuple(crops.shape)}" if is_tensor else type(crops).__name__
-                raise ValueError(f"the {name} crops must be a list of batch tensors (B, C, ...), got {got}: call "
-                                 "model((high, low), epoch, step=step) with high and low lists of crops")
-            for i, x in enumerate(crops):
-                if not torch.is_tensor(x) or x.ndim < 2:
-                    got = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-                    raise ValueError(f"{name} crop {i} must be a batch tensor (B, C, ...), got {got}")
-        high, low = list(input[0]), list(input[1])
-        if not high and not low:
-            raise ValueError("input holds no crops: both crop lists are empty")
-        sizes = [x.shape[0] for x in high + low]
-        if len(set(sizes)) > 1:
-            raise ValueError(f"all crops of one forward must have the same batch size, got {sizes}")
-        if self.queues is not None and len(high) != len(self.queues):
-            raise ValueError(f"got {len(high)} high-resolution crops but the model has n_queues="
-                             f"{len(self.queues)} (one queue per high-resolution crop)")
-        if self.queues is not None and self.start_queue_at_epoch > 0 and epoch is None:
-            raise ValueError(f"epoch is required when start_queue_at_epoch={self.start_queue_at_epoch} > 0")
-        frozen = self.prototypes.n_steps_frozen_prototypes
-        if step is not None:
-            _int("step", step, 0)
-        elif frozen > 0 and self.prototypes.training and torch.is_grad_enabled():  # eval never needs it
-            raise ValueError(f"SwaV(n_steps_frozen_prototypes={frozen}) needs forward(input, epoch, "
-                             "step=...) while training")
-        return high, low, 0 if epoch is None else _int("epoch", epoch, 0)
-
-    def _backbone(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(x).flatten(start_dim=1)  # (B, D_in)
-        if h.shape[1] != self.num_ftrs:
-            raise ValueError(f"backbone output flattens to {h.shape[1]} features per sample "
-                             f"(shape {tuple(h.shape)}) but num_ftrs={self.num_ftrs}")
-        return h
-
     def _embed(self, crops: List[torch.Tensor]) -> torch.Tensor:
         """Unit-norm projections z of all V crops, crop after crop: (V·B, D)."""
         if not self.group_crops_by_resolution:  # fmcib: one backbone and head call per crop
@@ -141,6 +83,13 @@ class SwaV(nn.Module):
         runs = [list(run) for _, run in itertools.groupby(crops, key=lambda x: (x.shape, x.dtype))]
         h = torch.cat([self._backbone(rearrange(r, "v b ... -> (v b) ...")) for r in runs])  # (V·B, D_in)
         return F.normalize(self.projection_head(h), dim=1)
+
+    def _backbone(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(x).flatten(start_dim=1)  # (B, D_in)
+        if h.shape[1] != self.num_ftrs:
+            raise ValueError(f"backbone output flattens to {h.shape[1]} features per sample "
+                             f"(shape {tuple(h.shape)}) but num_ftrs={self.num_ftrs}")
+        return h
 
     @_eager()
     @torch.no_grad()
@@ -167,23 +116,40 @@ def _per_crop(scores: Scores, n_crops: int) -> List[Scores]:
     return [list(crop) for crop in zip(*(_per_crop(s, n_crops) for s in scores))]  # V × H × (B, K_h)
 
 
-def _int(name: str, value, low: int) -> int:
-    """``value`` as an int >= ``low``: an int, NumPy integer or integer tensor, not a bool."""
-    try:
-        if not isinstance(value, bool) and operator.index(value) >= low:
-            return operator.index(value)
-    except TypeError:
-        pass
-    kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
-    raise ValueError(f"{name} must be {kind}, got {value!r}")
+# --- argument checks --------------------------------------------------------------------------------
 
-
-def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (NumPy's bool has no __index__; or a 0-dim tensor); a truthy "no" is refused."""
-    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
-    try:
-        if isinstance(value, bool) or numpy_bool or operator.index(value) in (0, 1):
-            return bool(value)
-    except TypeError:
-        pass
-    raise ValueError(f"{name} must be a bool, got {value!r}")
+def _check_input(model: SwaV, input, epoch, step) -> Tuple[List[torch.Tensor], List[torch.Tensor], int]:
+    """The crop lists and the epoch (0 when None) of a call, every argument checked against ``model``."""
+    if isinstance(epoch, (tuple, list)):  # lightly's model(high, low, ...): the crops as two arguments
+        raise ValueError(f"SwaV takes the crops as one pair: model((high_resolution_crops, low_resolution_crops), "
+                         f"epoch, step=step), got a {type(epoch).__name__} as epoch")
+    if not isinstance(input, (tuple, list)) or len(input) != 2:
+        n = len(input) if hasattr(input, "__len__") else "?"
+        raise ValueError("input must be a pair (high_resolution_crops, low_resolution_crops), "
+                         f"got {type(input).__name__} of length {n}: call model((high, low), epoch, step=step)")
+    for name, crops in zip(("high-resolution", "low-resolution"), input):
+        if not isinstance(crops, (tuple, list)):
+            got = f"a tensor of shape {tuple(crops.shape)}" if torch.is_tensor(crops) else type(crops).__name__
+            raise ValueError(f"the {name} crops must be a list of batch tensors (B, C, ...), got {got}: call "
+                             "model((high, low), epoch, step=step) with high and low lists of crops")
+        for i, x in enumerate(crops):
+            if not torch.is_tensor(x) or x.ndim < 2:
+                got = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(f"{name} crop {i} must be a batch tensor (B, C, ...), got {got}")
+    high, low = list(input[0]), list(input[1])
+    sizes = [x.shape[0] for x in high + low]
+    if not sizes:
+        raise ValueError("input holds no crops: both crop lists are empty")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"all crops of one forward must have the same batch size, got {sizes}")
+    if model.queues is not None and len(high) != len(model.queues):
+        raise ValueError(f"got {len(high)} high-resolution crops but the model has n_queues="
+                         f"{len(model.queues)} (one queue per high-resolution crop)")
+    if model.queues is not None and model.start_queue_at_epoch > 0 and epoch is None:
+        raise ValueError(f"epoch is required when start_queue_at_epoch={model.start_queue_at_epoch} > 0")
+    frozen = model.prototypes.n_steps_frozen_prototypes  # the step is needed only while training
+    if step is None and frozen > 0 and model.prototypes.training and torch.is_grad_enabled():
+        raise ValueError(f"SwaV(n_steps_frozen_prototypes={frozen}) needs forward(input, epoch, step=...) "
+                         "while training")
+    _int("step", 0 if step is None else step, 0)
+    return high, low, 0 if epoch is None else _int("epoch", epoch, 0)

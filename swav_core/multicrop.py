@@ -12,52 +12,6 @@ __all__ = ["MultiCrop"]
 Size = Union[int, Sequence[int]]
 
 
-def _as_int(value) -> Optional[int]:
-    """``value`` as an int if it is an integer (int, NumPy integer, 0-dim integer tensor) but not a bool."""
-    try:
-        return None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        return None
-
-
-def _count(name: str, value, low: int) -> int:
-    number = _as_int(value)
-    if number is None or number < low:
-        raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
-    return number
-
-
-def _flag(name: str, value) -> bool:
-    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a string such as "no" is truthy: refused."""
-    np_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # no __index__
-    number = bool(value) if isinstance(value, bool) or np_bool else _as_int(value)
-    if number not in (0, 1):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return bool(number)
-
-
-def _scale(name: str, scale) -> Tuple[float, float]:
-    try:  # indexed, not unpacked: a set has no order
-        pair = (scale[0], scale[1]) if not isinstance(scale, (str, bytes)) and len(scale) == 2 else ()
-    except (TypeError, KeyError):
-        pair = ()
-    reals = len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
-    if not (reals and 0.0 < float(pair[0]) <= float(pair[1]) <= 1.0):  # NaN fails too
-        raise ValueError(f"{name} must be a pair (lo, hi) of real numbers 0 < lo <= hi <= 1, got {scale!r}")
-    return float(pair[0]), float(pair[1])
-
-
-def _size(name: str, size: Size) -> Tuple[int, ...]:
-    try:
-        sizes = tuple(_as_int(s) for s in ((size,) if _as_int(size) is not None else size))
-    except TypeError:
-        sizes = ()
-    if len(sizes) not in (1, 2, 3) or not all(s is not None and s > 0 for s in sizes):
-        raise ValueError(f"{name} must be a positive int or a tuple of 1 to 3 positive ints (one per spatial "
-                         f"axis; not floats or bools), got {size!r}")
-    return sizes
-
-
 class MultiCrop:
     r"""Random resized crops at two resolutions, random flips and intensity jitter, batched.
 
@@ -67,34 +21,24 @@ class MultiCrop:
     with p = 1/2; a jitter :math:`a x + b`, :math:`a - 1, b \sim U(-i, i)`. Resampling is bilinear with border
     padding (convex combinations of inputs); scale (1, 1) at the input's size is exact.
 
-    Args:
-        high_size: size of the high-resolution crops, an int (square / cube) or one int per spatial axis.
-        low_size: size of the low-resolution crops.
-        n_high: number of high-resolution crops. Default: 2
-        n_low: number of low-resolution crops. Default: 6
-        high_scale: (lo, hi) fraction covered by a high-resolution crop. Default: (0.14, 1.0)
-        low_scale: (lo, hi) fraction covered by a low-resolution crop. Default: (0.05, 0.14)
-        flip: random flips along every spatial axis. Default: True
-        intensity: strength :math:`i` of the intensity jitter, in [0, 1). Default: 0.0
-        scale_per_side: the scales are fractions of each side, not of the area / volume. Default: False
+    Args: ``high_size``, ``low_size``: an int (square / cube) or one per spatial axis; ``n_high``, ``n_low``
+    crops (2, 6); ``high_scale``, ``low_scale``: (lo, hi) fractions ((0.14, 1), (0.05, 0.14)); ``flip`` (True);
+    ``intensity`` i in [0, 1) (0); ``scale_per_side``: fractions of each side, not of the area / volume (False).
+    A batch (B, C, H, W) or (B, C, D, H, W) (a size tuple fixes which), floating point, any device, gives
+    ``n_high`` (B, C, *high_size) and ``n_low`` (B, C, *low_size) crops in its dtype and device (16-bit: cropped
+    in float32). ``generator`` draws on its device: a CPU one drives CUDA reproducibly.
 
-    Shape:
-        input: (B, C, H, W) or (B, C, D, H, W) (a size tuple fixes which), floating point, any device.
-        output: ``n_high`` (B, C, *high_size) and ``n_low`` (B, C, *low_size) in the input's dtype and device
-        (16-bit: cropped in float32). ``generator`` draws on its device: a CPU one drives CUDA reproducibly.
-
-    Example:
-        >>> crops = MultiCrop(32, 16, n_high=2, n_low=4)
-        >>> high, low = crops(torch.rand(8, 3, 48, 48), generator=torch.Generator().manual_seed(0))
-        >>> [c.shape for c in (high[0], low[0])], len(high + low)
-        ([torch.Size([8, 3, 32, 32]), torch.Size([8, 3, 16, 16])], 6)
+    >>> crops = MultiCrop(32, 16, n_high=2, n_low=4)
+    >>> high, low = crops(torch.rand(8, 3, 48, 48), generator=torch.Generator().manual_seed(0))
+    >>> [c.shape for c in (high[0], low[0])], len(high + low)
+    ([torch.Size([8, 3, 32, 32]), torch.Size([8, 3, 16, 16])], 6)
     """
 
     def __init__(self, high_size: Size, low_size: Size, n_high: int = 2, n_low: int = 6,
                  high_scale: Sequence[float] = (0.14, 1.0), low_scale: Sequence[float] = (0.05, 0.14),
                  flip: bool = True, intensity: float = 0.0, scale_per_side: bool = False):
         self.high_size, self.low_size = _size("high_size", high_size), _size("low_size", low_size)
-        self.n_high, self.n_low = _count("n_high", n_high, 1), _count("n_low", n_low, 0)
+        self.n_high, self.n_low = _int("n_high", n_high, 1), _int("n_low", n_low, 0)
         if self.n_high + self.n_low < 2:
             raise ValueError(f"need at least 2 crops in total, got n_high={self.n_high}, n_low={self.n_low}")
         if not (isinstance(intensity, (int, float)) and 0.0 <= intensity < 1.0):
@@ -119,28 +63,7 @@ class MultiCrop:
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None
                  ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"MultiCrop expects (B, C, H, W) or (B, C, D, H, W), got {shape}")
-        for name, size in (("high_size", self.high_size), ("low_size", self.low_size)):
-            if len(size) > 1 and len(size) != x.ndim - 2:  # e.g. monai's unbatched (C, D, H, W) volume
-                layout = "(B, C, H, W)" if len(size) == 2 else "(B, C, D, H, W)"
-                hint = "; one volume (C, D, H, W) needs x[None]" if x.ndim == 4 else ""
-                raise ValueError(f"{name}={size} is {len(size)}-D, so MultiCrop expects {layout}, "
-                                 f"got shape {tuple(x.shape)}{hint}")
-        if not x.is_floating_point() or x.numel() == 0:
-            raise ValueError("MultiCrop expects a non-empty floating-point batch (convert integer images), "
-                             f"got shape {tuple(x.shape)} of dtype {x.dtype}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
-        # The jitter reaches (1 + i)|x| + i: refuse 16-bit batches that may overflow (wider ones: unchecked).
-        if self.intensity > 0 and x.element_size() < 4:
-            i, (lo, hi) = self.intensity, torch.stack(torch.aminmax(x.detach())).tolist()
-            limit = (torch.finfo(x.dtype).max - i) / (1 + i)
-            if max(-lo, hi) > limit:
-                raise ValueError(f"MultiCrop(intensity={i}) scales values by up to {1 + i:g}: a {x.dtype} "
-                                 f"batch must lie within ±{limit:.6g}, got values in [{lo:g}, {hi:g}]; "
-                                 "rescale it or pass float32")
+        _check_batch(x, generator, self)
         high = [self._crop(x, self.high_size, self.high_scale, generator) for _ in range(self.n_high)]
         low = [self._crop(x, self.low_size, self.low_scale, generator) for _ in range(self.n_low)]
         return high, low
@@ -177,3 +100,77 @@ class MultiCrop:
             b = self.intensity * (2.0 * u[:, -1] - 1.0)  # (B,)
             out = out * a.to(out.dtype).view(per_sample) + b.to(out.dtype).view(per_sample)
         return out.to(x.dtype)
+
+
+# --- argument checks --------------------------------------------------------------------------------
+
+def _int(name: str, value, low: int) -> int:
+    """``value`` as an int >= ``low``: an int, NumPy integer or 0-dim integer tensor, not a bool."""
+    try:
+        if not isinstance(value, bool) and operator.index(value) >= low:
+            return operator.index(value)
+    except TypeError:
+        pass
+    kind = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def _flag(name: str, value) -> bool:
+    """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a truthy "no" is refused."""
+    try:  # NumPy's bool (class bool_, or bool in NumPy 2) has no __index__
+        if type(value).__name__ in ("bool", "bool_") or operator.index(value) in (0, 1):
+            return bool(value)
+    except TypeError:
+        pass
+    raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _scale(name: str, scale) -> Tuple[float, float]:
+    try:  # indexed, not unpacked: a set has no order
+        pair = (scale[0], scale[1]) if not isinstance(scale, (str, bytes)) and len(scale) == 2 else ()
+    except (TypeError, KeyError):
+        pair = ()
+    reals = len(pair) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in pair)
+    if not (reals and 0.0 < float(pair[0]) <= float(pair[1]) <= 1.0):  # NaN fails too
+        raise ValueError(f"{name} must be a pair (lo, hi) of real numbers 0 < lo <= hi <= 1, got {scale!r}")
+    return float(pair[0]), float(pair[1])
+
+
+def _size(name: str, size: Size) -> Tuple[int, ...]:
+    try:
+        sizes = (_int(name, size, 1),)
+    except ValueError:  # not one int: one per spatial axis
+        try:
+            sizes = tuple(_int(name, s, 1) for s in size)
+        except (TypeError, ValueError):
+            sizes = ()
+    if len(sizes) not in (1, 2, 3):
+        raise ValueError(f"{name} must be a positive int or a tuple of 1 to 3 positive ints (one per spatial "
+                         f"axis; not floats or bools), got {size!r}")
+    return sizes
+
+
+def _check_batch(x, generator, crops: MultiCrop) -> None:
+    """A batch (B, C, *spatial) the crop sizes fit, floating, non-empty; the jitter reaches (1 + i)|x| + i: a
+    16-bit batch that may overflow is refused (wider ones: unchecked)."""
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"MultiCrop expects (B, C, H, W) or (B, C, D, H, W), got {shape}")
+    for name, size in (("high_size", crops.high_size), ("low_size", crops.low_size)):
+        if len(size) > 1 and len(size) != x.ndim - 2:  # e.g. monai's unbatched (C, D, H, W) volume
+            layout = "(B, C, H, W)" if len(size) == 2 else "(B, C, D, H, W)"
+            hint = "; one volume (C, D, H, W) needs x[None]" if x.ndim == 4 else ""
+            raise ValueError(f"{name}={size} is {len(size)}-D, so MultiCrop expects {layout}, "
+                             f"got shape {tuple(x.shape)}{hint}")
+    if not x.is_floating_point() or x.numel() == 0:
+        raise ValueError("MultiCrop expects a non-empty floating-point batch (convert integer images), "
+                         f"got shape {tuple(x.shape)} of dtype {x.dtype}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
+    if crops.intensity > 0 and x.element_size() < 4:
+        i, (lo, hi) = crops.intensity, torch.stack(torch.aminmax(x.detach())).tolist()
+        limit = (torch.finfo(x.dtype).max - i) / (1 + i)
+        if max(-lo, hi) > limit:
+            raise ValueError(f"MultiCrop(intensity={i}) scales values by up to {1 + i:g}: a {x.dtype} "
+                             f"batch must lie within ±{limit:.6g}, got values in [{lo:g}, {hi:g}]; "
+                             "rescale it or pass float32")
