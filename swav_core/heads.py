@@ -36,13 +36,11 @@ class SwaVProjectionHead(nn.Module):
 class SwaVPrototypes(nn.Module):
     """Prototype scores ``S = Z Cᵀ (+ b)`` of codes Z against K trainable prototypes C (§3.1).
 
-    With L2-normalised Z and C (call :meth:`normalize` before each step) the scores are cosine similarities.
-    Freezing (appendix A): while ``step < n_steps_frozen_prototypes`` (needed while training) the prototypes'
-    ``.grad`` is set to None after backward and DDP's write-back, as in FAIR's loop, so the optimizer skips
-    them (a zero gradient would not: momentum, Adam's L2); forward and ``requires_grad`` stay, as DDP needs.
-
-    Args: ``input_dim`` D; ``n_prototypes`` K, or a list of K's for several heads (then a list of (B, K_h) comes
-    out); ``n_steps_frozen_prototypes`` (optimizer steps); ``bias``, per prototype (lightly ≥ 1.2.31, fmcib).
+    Z (B, ``input_dim``); ``n_prototypes`` K, or a list for several heads (a list of (B, K_h) out); ``bias`` per
+    prototype (lightly ≥ 1.2.31, fmcib). With L2-normalised Z and C (call :meth:`normalize` before each step) the
+    scores are cosines. Freezing (appendix A): while ``step < n_steps_frozen_prototypes`` (needed while training)
+    the prototypes' ``.grad`` is set to None after backward and DDP's write-back, as in FAIR's loop, so the
+    optimizer skips them (a zero gradient would not: momentum, Adam's L2); ``requires_grad`` stays, as DDP needs.
 
     >>> protos = SwaVPrototypes(128, 3000, n_steps_frozen_prototypes=313)
     >>> protos.normalize()
@@ -75,16 +73,14 @@ class SwaVPrototypes(nn.Module):
         return scores if self.multi_head else scores[0]
 
     def _clear_grads_after_backward(self, grad: torch.Tensor) -> None:
-        """Set ``.grad`` to None once backward is over (once per crop: twice is harmless). DDP writes its all-reduced
-        gradients into ``.grad`` from a callback it queues in a hook; a callback queued by a callback runs after."""
+        """``.grad`` to None after backward, once per crop (harmless), and after DDP's write-back (see below)."""
         engine = torch.autograd.Variable._execution_engine
         clear = lambda: self.heads.zero_grad(set_to_none=True)  # noqa: E731
-        engine.queue_callback(lambda: engine.queue_callback(clear))  # queued after DDP's write-back
+        engine.queue_callback(lambda: engine.queue_callback(clear))  # DDP's write-back: a callback from a hook
 
     @torch.no_grad()
     def normalize(self) -> None:
-        """L2-normalise each prototype (weight row) in place; a zero row stays zero, one at unit norm (within
-        its dtype's eps) is untouched: frozen prototypes stay bit-identical though normalised every step."""
+        """L2-normalise each prototype in place; a unit row (within eps) is untouched, so frozen ones stay bitwise."""
         for head in self.heads:
             w = head.weight  # (K, D)
             norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float64)  # (K, 1)

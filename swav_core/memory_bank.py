@@ -12,8 +12,7 @@ __all__ = ["MemoryBankModule"]
 
 
 def _eager(recursive: bool = True):
-    """``torch.compiler.disable``, asked for only while compiling (importing torch._dynamo takes a second): the
-    queue's Python counters and checks run eagerly, not guarded on (a recompilation per step)."""
+    """``torch.compiler.disable`` while compiling (not at import: torch._dynamo takes a second): no guards per step."""
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -24,15 +23,13 @@ def _eager(recursive: bool = True):
 
 
 class MemoryBankModule(nn.Module):
-    """FIFO queue of the last ``length`` feature vectors (B, D), stored as a ring buffer.
-
-    A push writes at the pointer in O(B) whatever the length; a batch longer than the queue leaves its last
-    ``length`` rows; a row with NaN or ±inf is skipped without a host sync (its slot keeps its row: the oldest, or
-    a zero row, counted as filled). lightly's ``bank`` (length, D) (D = 0 until an int ``size`` sees a batch) and
-    ``bank_ptr`` are not buffers, so DDP cannot broadcast rank 0's queue; ``state_dict()`` holds them and
-    ``bank_filled`` (lightly's state loads empty), as DTensors in a sharded model's, so DCP saves each rank's.
-    ``size``: an int length or ``(length, D)``, 0 disables it; ``gather_distributed``: push every rank's batch (B
-    may differ); ``feature_dim_first``: ``forward`` returns the bank as (D, length). Defaults: 65536, False, True.
+    """FIFO queue of the last ``length`` feature vectors (B, D) (``size``: an int length, or ``(length, D)``; 0
+    disables it), stored as a ring buffer: a push writes at the pointer in O(B) whatever the length, a batch longer
+    than the queue leaves its last rows, a row with NaN or ±inf is skipped without a host sync (its slot keeps its
+    row). lightly's ``bank`` (length, D) and ``bank_ptr`` are not buffers, so DDP cannot broadcast rank 0's queue;
+    ``state_dict()`` holds them and ``bank_filled`` (lightly's state loads empty), as DTensors in a sharded model's,
+    so that DCP saves each rank's. ``gather_distributed``: push every rank's batch (B may differ);
+    ``feature_dim_first``: ``forward`` returns the bank as (D, length).
 
     >>> queue = MemoryBankModule(size=(3840, 128))
     >>> queue.push(torch.randn(256, 128))
@@ -48,19 +45,16 @@ class MemoryBankModule(nn.Module):
         self.gather_distributed = _flag("gather_distributed", gather_distributed)
         self.feature_dim_first = _flag("feature_dim_first", feature_dim_first)
         with torch.inference_mode(False):  # no inference tensors: they refuse in-place pushes outside it
-            self.bank = torch.zeros(self.length, dim)  # plain attributes, not buffers (see above)
-            self._bank_ptr = torch.zeros(1, dtype=torch.long)
+            self.bank, self._bank_ptr = torch.zeros(self.length, dim), torch.zeros(1, dtype=torch.long)  # not buffers
         self._ptr, self._filled = 0, 0  # next slot, real rows stored: ints, no host sync (_bank_ptr: lightly's)
 
-    # Read-only views: lightly's bank_ptr (one (1,) int64 tensor, refilled by every push), the rows stored, D
-    # (None for an int size before its first batch), and whether the queue is full.
+    # Read-only: lightly's bank_ptr ((1,) int64, refilled by each push), rows stored, D (None: not yet known).
     bank_ptr, num_filled = property(lambda self: self._bank_ptr), property(lambda self: self._filled)
     dim = property(lambda self: self.bank.shape[1] or None)
     is_full = property(lambda self: self.length > 0 and self._filled == self.length)
 
     def features(self, ordered: bool = True) -> torch.Tensor:
-        """The ``num_filled`` stored rows (n, D): oldest → newest in a new tensor, or, ``ordered=False``,
-        in slot order as a view of the storage (no copy; it changes with later pushes)."""
+        """The stored rows (num_filled, D), oldest first (a copy), or ``ordered=False`` as stored (a view, no copy)."""
         stored = self.bank[: self._filled]  # (n, D), slot order
         return stored.roll(-self._ptr, 0) if ordered else stored  # the oldest row is at the pointer
 
@@ -83,8 +77,7 @@ class MemoryBankModule(nn.Module):
 
     def forward(self, output: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 update: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """lightly's interface: ``(output, bank)``, ``bank`` a detached copy of the storage before this
-        call's push (slot order, zeros where empty); ``update=True`` then pushes. ``labels`` is ignored."""
+        """lightly's ``(output, bank)``: a copy of the storage before ``update=True`` pushes; ``labels`` unused."""
         if self.length == 0:
             return output, None
         self._resize(_checked(self, output, "forward").shape[1])
@@ -114,7 +107,7 @@ class MemoryBankModule(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         state = {"bank": self.bank.clone(),  # a snapshot, as the counters are
                  "bank_ptr": torch.tensor(self._ptr), "bank_filled": torch.tensor(self._filled)}
-        if _sharded(destination):  # each rank's own queue, as DTensors that DCP saves per rank
+        if _world() > 1 and any(type(v).__name__ == "DTensor" for v in destination.values()):  # sharded: see below
             state = {k: _per_rank(v.to(self.bank.device)) for k, v in state.items()}
         destination.update({prefix + k: v for k, v in state.items()})
 
@@ -123,12 +116,10 @@ class MemoryBankModule(nn.Module):
         keys = [prefix + k for k in ("bank", "bank_ptr", "bank_filled")]
         unexpected[:] = [k for k in unexpected if k not in keys]
         absent = [k for k in keys if k not in state_dict]
-        if absent:  # start empty: lightly / fmcib save no queue state, which is not an incompatibility
-            if len(absent) < len(keys):  # part of it: PyTorch's convention, strict=True raises on these
-                missing.extend(absent)
+        missing.extend(absent if len(absent) < len(keys) else [])  # part of it: strict=True raises on these
+        if absent:  # none: lightly / fmcib save no queue state, which loads as an empty queue
             self.bank.zero_()
-            self._set_counters(0, 0)
-            return
+            return self._set_counters(0, 0)
         bank, ptr, filled = (_own_part(state_dict[k], n) for k, n in zip(keys, (2, 0, 0)))
         problems = _state_errors(self, prefix, bank, ptr, filled)
         errors.extend(problems)
@@ -163,14 +154,9 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _sharded(state: dict) -> bool:
-    return _world() > 1 and any(type(v).__name__ == "DTensor" for v in state.values())
-
-
 def _per_rank(t: torch.Tensor) -> torch.Tensor:
     """This rank's ``t`` as row ``rank`` of a DTensor (W, *t.shape) sharded over the default group."""
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DeviceMesh, DTensor, Shard
     mesh = DeviceMesh.from_group(dist.group.WORLD, t.device.type)
     shape = torch.Size((_world(), *t.shape))
     stride = torch.empty(shape, device="meta").stride()

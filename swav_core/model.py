@@ -16,19 +16,14 @@ Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per 
 class SwaV(nn.Module):
     """SwAV with multi-crop and optional per-crop queues (Caron et al., 2020, §3.1 and §4).
 
-    Each crop x: ``backbone(x).flatten(1)`` → ``SwaVProjectionHead(num_ftrs, num_ftrs // 2, out_dim)`` → L2
-    normalisation (z) → scores zᵀc_k against the prototypes (normalised every forward). A full queue of a
-    high-resolution crop's past z is re-scored too (no gradient): Sinkhorn then sees more than one batch.
-
-    Args: ``backbone`` (B, C, *spatial) → (B, num_ftrs, ...); ``num_ftrs`` D_in, flattened; ``out_dim`` D;
-    ``n_prototypes`` K, or a list for several heads; ``n_queues``: one per high-resolution crop, or 0;
-    ``queue_length`` (fmcib: 3840): a queue is first used ceil(queue_length / B) steps after it starts, and with
-    more rows than the data's N samples holds each queue_length / N times; ``start_queue_at_epoch``: queue scores
-    from this epoch on; ``n_steps_frozen_prototypes`` (optimisation steps); ``prototype_bias`` (lightly ≥
-    1.2.31, fmcib); ``group_crops_by_resolution``: one backbone call per run of same-shape crops, as FAIR.
-
-    ``model((high-res crops, low-res crops), epoch, step=step)``, crops (B, C, *spatial) → (high: V1 × (B, K),
-    low: V2 × (B, K), queue: V1 × (queue_length, K) or None); several heads: (·, K) → a list over heads.
+    Each crop x (B, C, *spatial): ``backbone(x).flatten(1)`` (B, num_ftrs) → ``SwaVProjectionHead(num_ftrs,
+    num_ftrs // 2, out_dim)`` → L2 normalisation (z) → scores zᵀc_k (B, K) against the prototypes (normalised
+    every call; ``n_prototypes`` a list: a list over heads). A full queue of a high-resolution crop's past z is
+    re-scored too (no gradient), one per high-resolution crop (``n_queues``), from ``start_queue_at_epoch`` on;
+    a queue of ``queue_length`` rows (fmcib: 3840) is first used ceil(queue_length / B) steps after it starts
+    and, longer than the data's N samples, holds each queue_length / N times. ``n_steps_frozen_prototypes``
+    counts optimisation steps; ``prototype_bias``: lightly ≥ 1.2.31's and fmcib's; ``group_crops_by_resolution``:
+    one backbone call per run of same-shape crops, as FAIR. Returns (high, low, queue scores or None).
 
     >>> backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1))
     >>> model = SwaV(backbone, num_ftrs=8, out_dim=4, n_prototypes=10, n_queues=0)
@@ -59,15 +54,13 @@ class SwaV(nn.Module):
     def __call__(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], epoch: Optional[int] = None,
                  step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
         high, low, epoch = _check_input(self, input, epoch, step)  # before any state changes
-        # The prototypes are normalised where they are stored, before any forward hook runs: FSDP2's
-        # pre-forward hook swaps in a temporary unsharded copy, on which the normalisation would be lost.
+        # Normalised where stored, before the hooks: FSDP2's swaps in an unsharded copy, which would lose it.
         self.prototypes.normalize()
         return super().__call__((high, low), epoch, step)
 
     def forward(self, input: Tuple[List[torch.Tensor], List[torch.Tensor]], epoch: Optional[int] = None,
                 step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
-        """Scores ``(high, low, queue)``; ``step`` drives prototype freezing, ``epoch`` the queue's start.
-        Call the model, not ``forward``: the call checks the arguments and normalises the prototypes."""
+        """Scores (high, low, queue); call the model, not forward: the call checks and normalises the prototypes."""
         (high, low), epoch = input, epoch or 0
         n_crops, n_high = len(high) + len(low), len(high)
         z = self._embed(high + low)  # (V·B, D), unit rows, crop after crop
@@ -94,13 +87,11 @@ class SwaV(nn.Module):
     @_eager()
     @torch.no_grad()
     def _queue_scores(self, high_z: torch.Tensor, epoch: int, step: Optional[int]) -> Optional[List[Scores]]:
-        """Once every queue is full and ``epoch >= start_queue_at_epoch``, its rows scored in slot order, no
-        copy (Sinkhorn is equivariant to sample order); then this step's features (V1, B, D) are pushed."""
+        """Full queues' rows scored (slot order: Sinkhorn is equivariant to it), then the batch (V1, B, D) pushed."""
         if self.queues is None:
             return None
         use = all(q.is_full for q in self.queues) and epoch >= self.start_queue_at_epoch
-        # Every rank calls the prototypes alike, with no rows when the queue is not used: sharded by FSDP2,
-        # that call is a collective, and ranks with other batch sizes fill their queues at other steps.
+        # Every rank calls the prototypes (0 rows while unused): under FSDP2 a collective, and ranks fill at other steps
         dtype = self.prototypes.heads[0].weight.dtype  # a mixed-precision policy's param_dtype
         scores = [self.prototypes(q.features(ordered=False)[: None if use else 0].to(dtype), step)
                   for q in self.queues]
@@ -137,9 +128,9 @@ def _check_input(model: SwaV, input, epoch, step) -> Tuple[List[torch.Tensor], L
                 got = f"shape {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
                 raise ValueError(f"{name} crop {i} must be a batch tensor (B, C, ...), got {got}")
     high, low = list(input[0]), list(input[1])
-    sizes = [x.shape[0] for x in high + low]
-    if not sizes:
+    if not high + low:
         raise ValueError("input holds no crops: both crop lists are empty")
+    sizes = [x.shape[0] for x in high + low]
     if len(set(sizes)) > 1:
         raise ValueError(f"all crops of one forward must have the same batch size, got {sizes}")
     if model.queues is not None and len(high) != len(model.queues):

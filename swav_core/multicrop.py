@@ -15,18 +15,14 @@ Size = Union[int, Sequence[int]]
 class MultiCrop:
     r"""Random resized crops at two resolutions, random flips and intensity jitter, batched.
 
-    Per crop and sample: a scale :math:`s \sim U(lo, hi)`, the fraction of the area (2D) or volume (3D), as
-    torchvision's ``RandomResizedCrop`` (at the output's aspect, clipped to fit), or with ``scale_per_side``
-    of every side, as monai's ``RandScaleCrop`` (fmcib); a centre uniform inside the input; a flip per axis
-    with p = 1/2; a jitter :math:`a x + b`, :math:`a - 1, b \sim U(-i, i)`. Resampling is bilinear with border
-    padding (convex combinations of inputs); scale (1, 1) at the input's size is exact.
-
-    Args: ``high_size``, ``low_size``: an int (square / cube) or one per spatial axis; ``n_high``, ``n_low``
-    crops (2, 6); ``high_scale``, ``low_scale``: (lo, hi) fractions ((0.14, 1), (0.05, 0.14)); ``flip`` (True);
-    ``intensity`` i in [0, 1) (0); ``scale_per_side``: fractions of each side, not of the area / volume (False).
-    A batch (B, C, H, W) or (B, C, D, H, W) (a size tuple fixes which), floating point, any device, gives
-    ``n_high`` (B, C, *high_size) and ``n_low`` (B, C, *low_size) crops in its dtype and device (16-bit: cropped
-    in float32). ``generator`` draws on its device: a CPU one drives CUDA reproducibly.
+    A batch (B, C, H, W) or (B, C, D, H, W) (a size tuple fixes which), floating, any device, gives ``n_high``
+    (B, C, *high_size) and ``n_low`` (B, C, *low_size) crops (a size: an int, or one per spatial axis) in its
+    dtype and device (16-bit: cropped in float32). Per crop and sample: a scale s ~ U(lo, hi) of ``high_scale`` /
+    ``low_scale``, the fraction of the area (2D) or volume (3D), as torchvision's ``RandomResizedCrop`` (at the
+    output's aspect, clipped to fit), or with ``scale_per_side`` of every side, as monai's ``RandScaleCrop``
+    (fmcib); a centre uniform inside the input; a flip per axis with p = 1/2 (``flip``); a jitter a·x + b,
+    a − 1, b ~ U(−i, i), i = ``intensity`` in [0, 1). Resampling is bilinear with border padding (convex
+    combinations of inputs); scale (1, 1) at the input's size is exact. ``generator`` draws on its device.
 
     >>> crops = MultiCrop(32, 16, n_high=2, n_low=4)
     >>> high, low = crops(torch.rand(8, 3, 48, 48), generator=torch.Generator().manual_seed(0))
@@ -70,8 +66,7 @@ class MultiCrop:
 
     def _crop(self, x: torch.Tensor, size: Tuple[int, ...], scale: Tuple[float, float],
               generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Per sample, in normalised coordinates ([-1, 1] spans input axis i, n_i pixels) a crop of e_i pixels
-        maps output → input by t ↦ (e_i / n_i) · t + c_i, |c_i| ≤ 1 − e_i / n_i; a flip negates the scale."""
+        """A crop of e_i of n_i pixels maps output → input by t ↦ (e_i / n_i) t + c_i, |c_i| ≤ 1 − e_i / n_i."""
         B, d, n_in = x.shape[0], x.ndim - 2, tuple(x.shape[2:])  # n_in: (H, W) or (D, H, W)
         n_out, per_sample = size * d if len(size) == 1 else size, (B,) + (1,) * (d + 1)
         gdev = generator.device if generator is not None else x.device  # drawn there, then moved
@@ -151,8 +146,7 @@ def _size(name: str, size: Size) -> Tuple[int, ...]:
 
 
 def _check_batch(x, generator, crops: MultiCrop) -> None:
-    """A batch (B, C, *spatial) the crop sizes fit, floating, non-empty; the jitter reaches (1 + i)|x| + i: a
-    16-bit batch that may overflow is refused (wider ones: unchecked)."""
+    """A floating batch (B, C, *spatial) of the sizes' rank; 16-bit: within what (1 + i)|x| + i keeps finite."""
     if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"MultiCrop expects (B, C, H, W) or (B, C, D, H, W), got {shape}")

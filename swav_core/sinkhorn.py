@@ -107,15 +107,14 @@ _local = lambda x, op="sum": x  # noqa: E731  (one process: the reduction is the
 # --- argument checks and messages -------------------------------------------------------------------
 
 def hyperparameters(iterations, epsilon, gather_distributed, prefix: str = "", dtype=torch.float32):
-    """(iterations, ε, gather_distributed) as (int, float, bool), or a ValueError naming ``prefix`` + the argument
-    (SwaVLoss: "sinkhorn_"); ε by comparisons only (torch.compile traces a symbolic float), 2/ε finite in dtype."""
+    """The three as (int, float, bool), or a ValueError naming ``prefix`` + the argument (SwaVLoss: "sinkhorn_")."""
     try:
         number = None if isinstance(iterations, bool) else operator.index(iterations)  # NumPy ints too
     except TypeError:
         number = None
     if number is None or number < 0:
         raise ValueError(f"{prefix}iterations must be a non-negative int, got {iterations!r}")
-    real = isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool)
+    real = isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool)  # compared only: compile traces it
     if not (real and 0.0 < epsilon < math.inf and 1.0 / epsilon < math.inf):
         raise ValueError(f"{prefix}epsilon must be a finite number > 0, got {epsilon!r}")
     if gather_distributed not in (False, True):  # "no" is truthy: bools (or 0 / 1) only
