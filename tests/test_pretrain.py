@@ -96,9 +96,9 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, extr
 
 
 def test_a_short_run_learns_features_that_beat_random_initialisation(tmp_path):
-    """The default job's claim (k-NN top-1 ≥ random init + 0.10) on a 400-step, B=32 version of it;
-    the full default run (1000 steps, B=64) is recorded in the README."""
-    assert main(["--out", str(tmp_path), "--steps", "400", "--batch-size", "32", "--n-train", "1024",
+    """The default job's claim (k-NN top-1 ≥ random init + 0.10) on a 600-step, B=32 version of it (margins
+    0.24-0.42 over seeds 0-3; 400 steps sat within 0.02 of the bar); the full default run is in the README."""
+    assert main(["--out", str(tmp_path), "--steps", "600", "--batch-size", "32", "--n-train", "1024",
                  "--n-test", "512", "--widths", "8,16,32,64", "--log-every", "100"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["knn_top1"] >= metrics["knn_top1_random_init"] + 0.10, metrics

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from swav_core.pretrain import backbone, checkpoint, main, train
+from swav_core.pretrain import backbone, checkpoint, main
 from swav_core.pretrain.errors import JobError
 from swav_core.pretrain.backbone import SmallCNN
 

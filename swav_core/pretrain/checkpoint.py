@@ -22,7 +22,6 @@ At the end of a run, ``backbone.pt`` holds the backbone's state_dict alone (:fun
 
 It holds only tensors, containers and plain values, so :func:`load` reads it with ``weights_only=True``.
 """
-import argparse
 import contextlib
 import io
 import math
@@ -34,16 +33,75 @@ import torch
 import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
-from .data import manifest, manifest_change
+from .. import __version__
 from .errors import JobError, UsageError
-from .synthetic import SYNTHETIC
+from .parallel import any_rank, cpu_state, optimizer_state, rank, say, set_optimizer_state, world_size
 
-__all__ = ["save", "load", "problem", "first_non_finite", "write_atomic", "lock", "clear", "RUN_FILES", "gather",
-           "normalised", "check_data", "resumed_options", "save_backbone", "rng_state", "set_rng_state"]
+__all__ = ["save_run", "load_model", "restore", "save", "load", "problem", "first_non_finite", "write_atomic", "lock",
+           "locked", "clear", "RUN_FILES", "gather", "save_backbone", "rng_state", "set_rng_state"]
 
-# Options that may differ between a run and its resumption; any other difference is an error.
-RUN_ONLY = {"out", "steps", "stop_at", "resume", "overwrite", "device", "amp", "log_every", "ckpt_every", "knn_k",
-            "workers", "plot", "dist_timeout", "fsdp", "stop_on_collapse"}
+
+def save_run(run) -> None:
+    """Save ``run`` (a :class:`~.train.Run`) to its checkpoint.pt: every rank's state is gathered (its own queues),
+    rank 0 checks and writes it, all wait for the outcome: a state rank 0 refuses to save (non-finite) or cannot
+    write stops every rank."""
+    progress, path = run.progress, run.paths["checkpoint.pt"]
+    states, rngs = gather(cpu_state(run.model)), gather(rng_state())
+    optimizer = optimizer_state(run.model, run.optimizer, run.args.fsdp)
+    windows = gather(torch.tensor(progress.window, dtype=torch.float64))  # unlogged losses
+    healths = gather(torch.tensor(progress.health, dtype=torch.float64).reshape(-1, 3))  # their figures
+    error = None
+    if rank() == 0:
+        try:
+            save(path, {
+                "model": states[0], "model_per_rank": states, "optimizer": optimizer,
+                "step": progress.step, "rng": rngs, "loss_window_per_rank": windows,
+                "health_window_per_rank": healths, "collapsed_rows": progress.collapsed_rows,
+                "config": run.config, "world_size": world_size(),
+                "loss_first": progress.loss_first, "loss_last": progress.loss_last, "seconds": progress.seconds,
+                "skipped": progress.skipped, "skipped_in_a_row": progress.skipped_in_a_row,
+                "data_files": run.data_files, "torch": str(torch.__version__), "swav_core": __version__,
+            })
+        except JobError as e:
+            error = e
+    if any_rank(error is not None, run.device):  # a barrier too
+        raise error or JobError(f"rank 0 could not save {path} after step {progress.step} (see its error)")
+
+
+def load_model(ckpt: Dict, path: str, model: torch.nn.Module) -> None:
+    """This rank's model from ``ckpt``; a state that does not fit (a queue pointer out of range, a missing
+    key, a tensor of another shape) is a :class:`UsageError` naming it."""
+    with _not_fitting(path):
+        model.load_state_dict(ckpt["model_per_rank"][rank()], strict=True)
+
+
+def restore(run, ckpt: Dict):
+    """The optimizer state (checked like the model's, written under DDP or FSDP2 alike), this rank's RNG state
+    and the :class:`~.report.Progress` of a resumed ``run``."""
+    from .report import Progress  # (report writes its files through this module)
+    path, model = run.paths["checkpoint.pt"], run.model
+    with _not_fitting(path):
+        params = list(model.parameters())  # a sharded one's shape is the whole parameter's
+        for i, state in ckpt["optimizer"]["state"].items():  # checked first: FSDP2 would shard a bad one
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape != params[i].shape:
+                    raise ValueError(f"optimizer state {key} is {tuple(value.shape)}, its parameter "
+                                     f"{tuple(params[i].shape)}")
+        set_optimizer_state(model, run.optimizer, ckpt["optimizer"], run.args.fsdp)
+    set_rng_state(ckpt["rng"][rank()])
+    say(f"resumed {path} at step {ckpt['step']}/{run.args.steps}")
+    window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
+    health = ckpt["health_window_per_rank"][rank()].tolist() if "health_window_per_rank" in ckpt else []
+    return Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], ckpt.get("skipped", 0),
+                    ckpt.get("skipped_in_a_row", 0), window, health, ckpt.get("collapsed_rows", 0))
+
+
+@contextlib.contextmanager
+def _not_fitting(path: str):
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UsageError(f"--resume: {path} does not fit this run: {' '.join(str(e).split())}") from None
 
 
 def gather(obj: Any) -> List[Any]:
@@ -250,6 +308,22 @@ def lock(folder: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def locked(out: str, device: torch.device):
+    """Rank 0 holds ``out``'s lock (:func:`lock`); every rank learns whether it got it, so that
+    a refusal ends every rank alike (rank 0 says why; the others' usage error is not printed twice)."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if rank() == 0:
+            try:
+                stack.enter_context(lock(out))
+            except (UsageError, JobError) as e:
+                refusal = e
+        if any_rank(refusal is not None, device):
+            raise refusal or UsageError(f"rank 0 could not take the lock of --out {out!r}")
+        yield
+
+
 RUN_FILES = ("checkpoint.pt", "log.csv", "metrics.json", "backbone.pt")
 
 
@@ -261,49 +335,6 @@ def clear(folder: str, old_run: bool) -> None:
     for path in (os.path.join(folder, n) for n in names):
         if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
-
-
-def check_data(ckpt: Dict[str, Any], given: Dict[str, Any]) -> None:
-    """A ``--data`` folder resumed must hold the files the checkpoint recorded (names, sizes); a folder
-    moved elsewhere with the same files is accepted at its new place (given as ``--data``)."""
-    saved = ckpt.get("data_files")
-    if saved is None:  # synthetic data, or a checkpoint from before the record
-        return
-    folder = given.get("data", ckpt["config"]["data"])
-    if not os.path.isdir(folder):
-        raise UsageError(f"--resume: the --data folder {folder!r} is gone; give its new place with --data")
-    change = manifest_change(saved, manifest(folder))
-    if change:
-        raise UsageError(f"--resume: --data {folder!r} changed since the checkpoint: {change}; restore it, or "
-                         f"start a new run with --overwrite")
-    ckpt["config"]["data"] = normalised("data", folder)
-
-
-def normalised(option: str, value: Any) -> Any:
-    """``value`` of ``option`` in the form runs are compared in: a ``--data`` folder as its real absolute
-    path (``../data/`` and ``/home/me/data`` are the same data), lists as tuples."""
-    if option == "data" and isinstance(value, str) and value not in SYNTHETIC:
-        return os.path.realpath(value)
-    return tuple(value) if isinstance(value, list) else value
-
-
-def resumed_options(saved: Dict[str, Any], args: argparse.Namespace, given: Dict[str, Any]) -> argparse.Namespace:
-    """The options of a resumed run: the checkpoint's ``saved`` ones, then the run-only options in
-    ``given`` (those written on the command line: ``--steps``, ``--device``, …; see :data:`RUN_ONLY`).
-
-    ``--stop-at`` and ``--fsdp`` are never inherited (a run may change between DDP and FSDP2). Any other
-    option given is compared after :func:`normalised`, and a real change is a :class:`UsageError` naming the
-    option, the old and the new value.
-    """
-    diff = {k: (saved.get(k), v) for k, v in given.items()
-            if k not in RUN_ONLY and normalised(k, saved.get(k)) != normalised(k, v)}
-    if diff:
-        lines = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise UsageError(f"--resume with different options than the checkpoint: {lines}; leave them out to "
-                         f"continue with the checkpoint's own")
-    run_only = {k: v for k, v in given.items() if k in RUN_ONLY}
-    fixed = {"out": args.out, "resume": True, "overwrite": False, "stop_at": None, "fsdp": args.fsdp}
-    return argparse.Namespace(**{**vars(args), **saved, **fixed, **run_only})
 
 
 def save_backbone(path: str, backbone: torch.nn.Module) -> None:

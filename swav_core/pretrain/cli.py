@@ -12,7 +12,7 @@ from .data import INPUT_RANGE
 from .errors import JobError, UsageError
 from .train import run
 
-__all__ = ["build_parser", "check_options", "main"]
+__all__ = ["build_parser", "main"]
 
 DESCRIPTION = """\
 Pretrain a small CNN (or --backbone) with SwAV (swav_core.SwaV + SwaVLoss + MultiCrop), then evaluate
@@ -238,26 +238,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the job's handlers were installed
         print(f"{parser.prog}: error: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr, flush=True)
         return 130
-
-
-def check_options(options: dict, path: str) -> None:
-    """Every option stored in a checkpoint (``path``) as the command line would take it: an edited value
-    is a :class:`UsageError` naming it, not a traceback later."""
-    for action in build_parser()._actions:
-        if action.dest not in options or action.dest in ("help", "version"):
-            continue
-        value, error = options[action.dest], None
-        if action.nargs == 0:  # a flag
-            error = None if isinstance(value, bool) else "expected True or False"
-        elif value is not None or action.default is not None:
-            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-            try:
-                parsed = action.type(text) if action.type else text
-                error = None if not action.choices or parsed in action.choices else f"expected one of {action.choices}"
-            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
-                error = str(e)
-        if error:
-            raise UsageError(f"--resume: {path} holds an invalid option {action.option_strings[0]} {value!r}: {error}")
 
 
 def _given(parser: argparse.ArgumentParser, argv: Optional[List[str]], dests) -> dict:

@@ -1,19 +1,47 @@
-"""What the job prints and writes besides checkpoints: progress lines, ``log.csv``, ``metrics.json``
-(the whole-file writes go through :func:`~.checkpoint.write_atomic`)."""
+"""What the job prints and writes besides checkpoints: progress lines, ``log.csv``, ``metrics.json`` (the
+whole-file writes go through :func:`~.checkpoint.write_atomic`), the :class:`Progress` they are made from,
+and the line that says a run looks collapsed."""
 import csv
 import io
 import json
 import math
 import os
+import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..health import COLLAPSED
+from . import checkpoint
 from .errors import JobError
+from .parallel import say
 
-__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "duration", "progress_line", "queue_line", "crops_text", "summary",
-           "read_log", "kept_log", "append_log", "metrics_text"]
+__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "Progress", "duration", "progress_line", "queue_line", "crops_text",
+           "summary", "collapse", "read_log", "kept_log", "start_log", "append_log", "metrics_text"]
 
 HEALTH_FIELDS = ("pred_entropy", "prototype_usage", "embedding_std")  # swav_core.health, window means
 LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed", "skipped") + HEALTH_FIELDS
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step and saves with the checkpoint."""
+
+    step: int = 0
+    loss_first: Optional[float] = None  # the first and last log.csv rows' loss (window means)
+    loss_last: Optional[float] = None
+    seconds: float = 0.0  # time spent in training steps, over all sessions of the run
+    skipped: int = 0  # steps skipped for scores that were not finite (a bad batch), over the run
+    skipped_in_a_row: int = 0
+    window: List[float] = field(default_factory=list)  # losses since the last progress line
+    health: List[List[float]] = field(default_factory=list)  # (pred_entropy, prototype_usage, embedding_std)
+    collapsed_rows: int = 0  # logged rows in a row that look collapsed (see :func:`watch`)
+    # When, and after which step, this session and its current window began: crops/s counts the
+    # window's steps, the ETA all of this session's (after a resume, ``window`` also holds losses
+    # from before the interruption).
+    window_start: float = field(default_factory=time.perf_counter)
+    window_from: int = 0
+    session_start: float = field(default_factory=time.perf_counter)
+    session_from: int = 0
 
 
 def duration(seconds: float) -> str:
@@ -65,6 +93,20 @@ def summary(m: Dict[str, Any], knn_k: int, out: str, plot_hint: Optional[str]) -
     return "\n".join(lines + ([plot_hint] if plot_hint else []))
 
 
+def collapse(health: Dict[str, float], k: int) -> Optional[str]:
+    """What in ``health`` (one logged row's figures) looks collapsed, with the knobs to turn; None if nothing."""
+    if health["pred_entropy"] >= COLLAPSED["pred_entropy"]:
+        return (f"pred_entropy {health['pred_entropy']:.3f}: the predictions are near uniform (the loss sits "
+                f"at ln K); lower --temperature, raise --lr or lower --freeze-prototypes-steps")
+    if health["prototype_usage"] * k <= COLLAPSED["prototype_usage_k"]:
+        return (f"prototype_usage {health['prototype_usage']:.3f}: a handful of the {k} prototypes take every "
+                f"sample; raise --epsilon, start the queue later or freeze the prototypes longer")
+    if health["embedding_std"] < COLLAPSED["embedding_std"]:
+        return (f"embedding_std {health['embedding_std']:.3f}: the embeddings sit near one point; lower --lr "
+                f"or strengthen the augmentations (--high-scale, --low-scale, --intensity)")
+    return None
+
+
 def read_log(path: str) -> List[Dict[str, str]]:
     """The rows of ``log.csv`` (:data:`LOG_FIELDS`, as strings)."""
     with open(path, newline="") as f:
@@ -103,6 +145,20 @@ def _log_row(line: str) -> Optional[Dict[str, str]]:
     except ValueError:
         pass
     return None
+
+
+def start_log(out: str, log_path: str, step: int, overwrite: bool) -> None:
+    """With everything checked: remove what a killed job left (and the old run with ``--overwrite``),
+    then rewrite log.csv atomically, keeping a resumed run's rows up to ``step``."""
+    checkpoint.clear(out, old_run=overwrite)
+    text, damaged = kept_log(log_path, step)
+    if damaged:  # the rows that could be read go on; the file as it was stays beside them
+        with open(log_path, "rb") as f:
+            original = f.read()
+        checkpoint.write_atomic(log_path + ".damaged", lambda f: f.write(original))
+        say(f"{log_path}: {damaged} damaged line(s) dropped, the readable rows kept; the file as it was "
+            f"is {log_path}.damaged")
+    checkpoint.write_atomic(log_path, lambda f: f.write(text.encode()))
 
 
 def append_log(path: str, row: Dict[str, Any]) -> None:
