@@ -28,7 +28,7 @@ PATHS = {"torch only": None, "in memory": 0, "lazy, workers 0": 0, "lazy, worker
 def child(path: str, folder: str, batch_size: int) -> dict:
     """One epoch of ``path`` over ``folder`` in this process; the measurements as a dict."""
     import torch
-    from swav_core.pretrain.data import FolderDataset, batches, load_folder
+    from swav_core.pretrain.data import FolderDataset, Order, batches, load_folder
 
     out = {}
     if path != "torch only":
@@ -36,7 +36,7 @@ def child(path: str, folder: str, batch_size: int) -> dict:
         train = load_folder(folder) if path == "in memory" else FolderDataset(folder)
         t1 = time.perf_counter()
         steps = len(train) // batch_size
-        total = sum(float(x.sum()) for x in batches(train, batch_size, 0, 0, steps, workers=PATHS[path]))
+        total = sum(float(x.sum()) for x in batches(train, Order(batch_size, 0), range(steps), workers=PATHS[path]))
         t2 = time.perf_counter()
         assert torch.isfinite(torch.tensor(total))
         out = {"start s": t1 - t0, "samples/s": steps * batch_size / (t2 - t1)}

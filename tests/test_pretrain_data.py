@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swav_core.pretrain import build_parser, main
-from swav_core.pretrain.data import FolderDataset, batch_indices, batches, load_folder
+from swav_core.pretrain.data import FolderDataset, Order, batch_indices, batches, load_folder
 from swav_core.pretrain.errors import UsageError
 
 from test_pretrain import TINY, _assert_states_equal, _ckpt, _job
@@ -29,8 +29,8 @@ def test_lazy_loader_gives_the_in_memory_batches_in_the_same_order(device, tmp_p
     stacked = load_folder(str(tmp_path / "data"))
     assert lazy.shape == (23, 2, 5, 6) and len(lazy) == 23 and torch.equal(stacked, samples)
     for rank in (0, 1):
-        got = list(batches(lazy, 4, 7, 3, 12, rank, 2, workers=workers, pin_memory=device == "cuda"))
-        memory = list(batches(stacked, 4, 7, 3, 12, rank, 2))
+        got = list(batches(lazy, Order(4, 7, rank, 2), range(3, 12), workers=workers, pin_memory=device == "cuda"))
+        memory = list(batches(stacked, Order(4, 7, rank, 2), range(3, 12)))
         assert len(got) == len(memory) == 9
         for step, a, b in zip(range(3, 12), got, memory):
             assert torch.equal(a.to(device).cpu(), b)

@@ -75,10 +75,9 @@ def load_model(ckpt: Dict, path: str, model: torch.nn.Module) -> None:
         model.load_state_dict(ckpt["model_per_rank"][rank()], strict=True)
 
 
-def restore(run, ckpt: Dict):
-    """The optimizer state (checked like the model's, written under DDP or FSDP2 alike), this rank's RNG state
-    and the :class:`~.report.Progress` of a resumed ``run``."""
-    from .report import Progress  # (report writes its files through this module)
+def restore(run, ckpt: Dict) -> None:
+    """Into a resumed ``run``: the optimizer state (checked like the model's, written under DDP or FSDP2 alike),
+    this rank's RNG state and the progress (the loss window too: the next log row averages the same steps)."""
     path, model = run.paths["checkpoint.pt"], run.model
     with _not_fitting(path):
         params = list(model.parameters())  # a sharded one's shape is the whole parameter's
@@ -92,8 +91,11 @@ def restore(run, ckpt: Dict):
     say(f"resumed {path} at step {ckpt['step']}/{run.args.steps}")
     window = ckpt["loss_window_per_rank"][rank()].tolist()  # so the next log row averages the same steps
     health = ckpt["health_window_per_rank"][rank()].tolist() if "health_window_per_rank" in ckpt else []
-    return Progress(ckpt["step"], ckpt["loss_first"], ckpt["loss_last"], ckpt["seconds"], ckpt.get("skipped", 0),
-                    ckpt.get("skipped_in_a_row", 0), window, health, ckpt.get("collapsed_rows", 0))
+    progress = run.progress
+    progress.step, progress.loss_first, progress.loss_last = ckpt["step"], ckpt["loss_first"], ckpt["loss_last"]
+    progress.seconds, progress.skipped = ckpt["seconds"], ckpt.get("skipped", 0)
+    progress.skipped_in_a_row, progress.collapsed_rows = ckpt.get("skipped_in_a_row", 0), ckpt.get("collapsed_rows", 0)
+    progress.window, progress.health = window, health
 
 
 @contextlib.contextmanager

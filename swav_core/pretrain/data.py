@@ -23,7 +23,7 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -32,7 +32,7 @@ from .errors import DataFault, UsageError
 from .synthetic import SYNTHETIC
 
 __all__ = ["Data", "load_data", "FolderDataset", "load_folder", "to_unit_float", "check_sample", "scan",
-           "INPUT_RANGE", "MAX_ABS", "HELD_OUT", "batch_indices", "batches", "derive_seed"]
+           "INPUT_RANGE", "MAX_ABS", "HELD_OUT", "Order", "batch_indices", "batches", "next_batch", "derive_seed"]
 
 ARRAYS, IMAGES = (".pt", ".npy"), (".png", ".jpg", ".jpeg")
 HELD_OUT = 0.2  # of each class's files, for the evaluation (at least one, never all)
@@ -292,31 +292,53 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, rank: int = 0, 
     return out
 
 
-class _StepBatches:
-    """A ``DataLoader`` batch sampler: the indices of steps ``start`` … ``end - 1`` (:func:`batch_indices`)."""
+class Order(NamedTuple):
+    """Which samples a process takes at each step (:func:`batch_indices`): B, the seed, its rank of W."""
 
-    def __init__(self, start: int, end: int, batch_size: int, n: int, seed: int, rank: int, world: int):
-        self.steps, self.args = range(start, end), (batch_size, n, seed, rank, world)
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+
+
+class _StepBatches:
+    """A ``DataLoader`` batch sampler: the indices of each step in ``steps`` (:func:`batch_indices`)."""
+
+    def __init__(self, steps: range, n: int, order: Order):
+        self.steps, self.n, self.order = steps, n, order
 
     def __iter__(self) -> Iterator[List[int]]:
-        return (batch_indices(step, *self.args).tolist() for step in self.steps)
+        b, seed, rank, world = self.order
+        return (batch_indices(step, b, self.n, seed, rank, world).tolist() for step in self.steps)
 
     def __len__(self) -> int:
         return len(self.steps)
 
 
-def batches(train, batch_size: int, seed: int, start: int, end: int, rank: int = 0, world: int = 1,
-            workers: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """The batch (B, C, *spatial) of each step ``start`` … ``end - 1``, in :func:`batch_indices` order.
+def batches(train, order: Order, steps: range, workers: int = 0, pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """The batch (B, C, *spatial) of each step in ``steps``, in :func:`batch_indices` ``order``.
 
     ``train`` in memory is indexed directly; a :class:`FolderDataset` is read by a ``DataLoader`` with
     ``workers`` processes (0: this one) and, for CUDA, ``pin_memory``. Both give the same batches.
     """
-    steps = _StepBatches(start, end, batch_size, len(train), seed, rank, world)
+    sampler = _StepBatches(steps, len(train), order)
     if isinstance(train, torch.Tensor):
-        return (train[idx] for idx in steps)
-    return iter(DataLoader(train, batch_sampler=steps, num_workers=workers, pin_memory=pin_memory,
+        return (train[idx] for idx in sampler)
+    return iter(DataLoader(train, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                            worker_init_fn=_quiet_worker if workers else None))
+
+
+def next_batch(loader):
+    """The next batch, or (None, one line) when a ``--data`` file changed (deleted, made NaN) or a process
+    reading it died; the DataLoader wraps a worker's error in its traceback: its last line is kept."""
+    try:
+        return next(loader), None
+    except DataFault as e:
+        return None, str(e).strip().splitlines()[-1].split("DataFault: ")[-1]
+    except (RuntimeError, OSError) as e:  # OSError: a worker killed while handing over a batch
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
+            raise
+        return None, f"a process reading --data died ({type(e).__name__}: {str(e).splitlines()[0]})"
 
 
 def _quiet_worker(worker_id: int) -> None:

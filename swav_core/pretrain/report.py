@@ -1,6 +1,6 @@
 """What the job prints and writes besides checkpoints: progress lines, ``log.csv``, ``metrics.json`` (the
 whole-file writes go through :func:`~.checkpoint.write_atomic`), the :class:`Progress` they are made from,
-and the line that says a run looks collapsed."""
+the health figures' embeddings and the line that says a run looks collapsed."""
 import csv
 import io
 import json
@@ -10,13 +10,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
+
 from ..health import COLLAPSED
 from . import checkpoint
 from .errors import JobError
 from .parallel import say
 
-__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "Progress", "duration", "progress_line", "queue_line", "crops_text",
-           "summary", "collapse", "read_log", "kept_log", "start_log", "append_log", "metrics_text"]
+__all__ = ["HEALTH_FIELDS", "LOG_FIELDS", "Progress", "FirstEmbedding", "duration", "progress_line", "queue_line",
+           "crops_text", "summary", "collapse", "watch", "Collapsed", "read_log", "kept_log", "start_log", "append_log",
+           "metrics_text"]
 
 HEALTH_FIELDS = ("pred_entropy", "prototype_usage", "embedding_std")  # swav_core.health, window means
 LOG_FIELDS = ("step", "loss", "lr", "crops_per_s", "elapsed", "skipped") + HEALTH_FIELDS
@@ -51,12 +54,11 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def progress_line(step: int, steps: int, loss: float, lr: float, crops_per_s: float, eta_s: float,
-                  health: Dict[str, float]) -> str:
-    w = len(str(steps))
-    return (f"step {step:>{w}}/{steps} | loss {loss:.4f} | lr {lr:.2e} | entropy {health['pred_entropy']:.2f} "
-            f"usage {health['prototype_usage']:.2f} std {health['embedding_std']:.2f} | "
-            f"{crops_per_s:,.0f} crops/s | ETA {duration(eta_s)}")
+def progress_line(step: int, steps: int, row: Dict[str, float], eta_s: float) -> str:
+    """The line printed with each log.csv ``row`` (loss, lr, crops_per_s and the health figures)."""
+    return (f"step {step:>{len(str(steps))}}/{steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | entropy "
+            f"{row['pred_entropy']:.2f} usage {row['prototype_usage']:.2f} std {row['embedding_std']:.2f} | "
+            f"{row['crops_per_s']:,.0f} crops/s | ETA {duration(eta_s)}")
 
 
 def queue_line(length: int, batch: int, n: int, world: int, steps: int) -> str:
@@ -105,6 +107,46 @@ def collapse(health: Dict[str, float], k: int) -> Optional[str]:
         return (f"embedding_std {health['embedding_std']:.3f}: the embeddings sit near one point; lower --lr "
                 f"or strengthen the augmentations (--high-scale, --low-scale, --intensity)")
     return None
+
+
+ROWS_TO_WARN = 3  # logged rows in a row that look collapsed before the warning
+
+
+def watch(progress: Progress, args, health: Dict[str, float]) -> None:
+    """After the warm-up and the frozen prototype steps, say once (in one line) when the last logged rows all
+    look collapsed, naming the figure and the knobs; with --stop-on-collapse, stop (a :class:`Collapsed`)."""
+    if progress.step <= max(args.warmup_steps, args.freeze_prototypes_steps):
+        return
+    why = collapse(health, args.prototypes)
+    progress.collapsed_rows = progress.collapsed_rows + 1 if why else 0
+    if progress.collapsed_rows == ROWS_TO_WARN:  # once per stretch of collapsed rows
+        line = f"step {progress.step}: the run looks collapsed for {ROWS_TO_WARN} logged rows: {why}"
+        if args.stop_on_collapse:
+            raise Collapsed(line)
+        say(line + " (going on; --stop-on-collapse stops instead)")
+
+
+class Collapsed(Exception):
+    """--stop-on-collapse: the run looks collapsed (the message says how); it stops after a checkpoint."""
+
+
+class FirstEmbedding:
+    """``value``: the unit embeddings z (B, D) of a step's first crop: the first B rows of the projection
+    head's first output in the ``with`` block (all crops at once with --group-crops-by-resolution)."""
+
+    def __init__(self, model, batch: int):
+        self.model, self.batch, self.value = model, batch, None
+
+    def __enter__(self) -> "FirstEmbedding":
+        self.handle = self.model.projection_head.register_forward_hook(self._keep)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _keep(self, module, args, out: torch.Tensor) -> None:
+        if self.value is None:
+            self.value = out.detach()[: self.batch]
 
 
 def read_log(path: str) -> List[Dict[str, str]]:

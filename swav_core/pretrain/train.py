@@ -5,7 +5,6 @@ import copy
 import gc
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
@@ -17,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import MultiCrop, SwaV, SwaVLoss, __version__, training_health
 from . import backbone as nets
-from . import checkpoint, options, parallel, plot, report
-from .data import Data, batches, derive_seed, load_data, manifest
+from . import checkpoint, errors, options, parallel, plot, report
+from .data import Data, Order, batches, derive_seed, load_data, manifest, next_batch
 from .errors import DataFault, JobError, UsageError
 from .evaluate import evaluate
 from .parallel import any_rank, rank, say, world_size
@@ -64,11 +63,8 @@ class Run:
 
 
 def run(args: argparse.Namespace, given: Optional[Dict] = None) -> int:
-    """Run the job described by parsed CLI ``args``; return the exit code (130 after an interruption).
-
-    ``given``: the options written on the command line (see :func:`~.options.resolve`). A failure that ends
-    the run is a :class:`JobError`; a signal that stops it at once a ``KeyboardInterrupt``.
-    """
+    """Run the job of parsed ``args`` (``given``: :func:`~.options.resolve`); return the exit code (130 after an
+    interruption). A run that cannot go on raises :class:`JobError`; a signal stopping it at once KeyboardInterrupt."""
     args, ckpt = options.resolve(args, given)
     device, owns_group = parallel.setup(args.device, args.dist_timeout)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
@@ -104,20 +100,10 @@ def _session(args: argparse.Namespace, device: torch.device, stop: StopRequest, 
     with checkpoint.locked(args.out, device):
         try:
             return _train(_start(args, device, data, stop, ckpt))
-        except JobError:
-            raise
         except RuntimeError as e:
-            if "DataLoader worker" in str(e):  # its SIGCHLD handler, anywhere in a step: not saved
-                raise JobError(f"a process reading --data died during a step ({str(e).strip()}); "
-                               f"{stop.last_saved()}") from None
-            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-                raise  # torch.OutOfMemoryError on CUDA; "can't allocate memory" on the CPU
-            spatial = data.train.shape[2:]
-            size = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(e))
-            size = f"{int(size[1]) / 2**30:.2f} GiB" if size and size[1] else size[2] if size else "memory"
-            raise JobError(f"out of memory (one allocation of {size} failed): samples {tuple(data.train.shape[1:])}, "
-                           f"--batch-size {args.batch_size} per process, --high-size {args.high_size or min(spatial)}"
-                           f": lower them (and --low-size); {stop.last_saved()}") from None
+            if isinstance(e, JobError):
+                raise
+            raise errors.resource_error(e, args, data.train.shape, stop.last_saved()) or e
 
 
 def _start(args: argparse.Namespace, device: torch.device, data: Data, stop: StopRequest,
@@ -162,7 +148,7 @@ def _start(args: argparse.Namespace, device: torch.device, data: Data, stop: Sto
     run = Run(args, device, data, crops, model, net, optimizer, loss_fn, init_backbone, paths, config, data_files,
               Progress(), stop, min(args.steps, args.stop_at or args.steps))
     if ckpt:
-        run.progress = checkpoint.restore(run, ckpt)
+        checkpoint.restore(run, ckpt)
     if rank() == 0:
         report.start_log(args.out, paths["log.csv"], run.progress.step, args.overwrite)
     return run
@@ -172,14 +158,14 @@ def _train(run: Run) -> int:
     """Steps ``progress.step`` … ``end - 1``: a log row every --log-every steps, a checkpoint every --ckpt-every,
     at the end, at --stop-at, on a signal and before a data fault or a collapse ends the run."""
     args, progress, stop, path = run.args, run.progress, run.stop, run.paths["checkpoint.pt"]
-    say(f"SwAV on {args.data} {tuple(run.data.train.shape)} | {world_size()} process(es) on {run.device} | "
-        f"B={args.batch_size}/process, {report.crops_text(run.crops)} | steps {progress.step}->{run.end} of {args.steps}")
+    say(f"SwAV on {args.data} {tuple(run.data.train.shape)} | {world_size()} process(es) on {run.device} | B="
+        f"{args.batch_size}/process, {report.crops_text(run.crops)} | steps {progress.step}->{run.end} of {args.steps}")
     if args.queue_length:
         say(report.queue_line(args.queue_length, args.batch_size, len(run.data.train), world_size(), args.steps))
     progress.window_start = progress.session_start = time.perf_counter()  # this session's clocks
     progress.window_from = progress.session_from = progress.step
-    loader = batches(run.data.train, args.batch_size, args.seed, progress.step, run.end, rank(), world_size(),
-                     args.workers, pin_memory=run.device.type == "cuda")
+    order = Order(args.batch_size, args.seed, rank(), world_size())
+    loader = batches(run.data.train, order, range(progress.step, run.end), args.workers, run.device.type == "cuda")
     for step in range(progress.step, run.end):
         try:
             _train_step(run, step, loader)
@@ -192,7 +178,7 @@ def _train(run: Run) -> int:
                 _log(run)
             except JobError as e:  # log.csv could not be written (a full disk): say what is on disk
                 raise JobError(f"{e}; {stop.last_saved()}") from None
-            except _Collapsed as e:
+            except report.Collapsed as e:
                 _save(run)
                 raise JobError(f"{e}: stopped (--stop-on-collapse); saved {path} at step {progress.step}") from None
         interrupted = stop.requested_anywhere(run.device)
@@ -219,7 +205,7 @@ def _train_step(run: Run, step: int, loader: Iterator[torch.Tensor]) -> None:
     t0 = time.perf_counter()
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, args.steps, args.lr, args.warmup_steps)
-    x, fault = _next_batch(loader)
+    x, fault = next_batch(loader)
     if any_rank(fault is not None, device):  # every rank stops before the step, to save the same state
         raise DataFault(fault or "another rank could not read its batch of --data")
     x = x.to(device, non_blocking=True)
@@ -233,7 +219,7 @@ def _train_step(run: Run, step: int, loader: Iterator[torch.Tensor]) -> None:
     progress.skipped_in_a_row = 0
     epoch = step * args.batch_size * world_size() // len(run.data.train)
     model = run.net.module if isinstance(run.net, DistributedDataParallel) else run.net
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), _FirstEmbedding(model, len(x)) as z:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), report.FirstEmbedding(model, len(x)) as z:
         loss, scores = _loss(run, (high, low), epoch, step)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -246,38 +232,6 @@ def _train_step(run: Run, step: int, loader: Iterator[torch.Tensor]) -> None:
     progress.seconds += time.perf_counter() - t0
     progress.window.append(value)
     progress.health.append(torch.stack(list(health.values())).tolist())  # after loss.item(): no extra wait
-
-
-class _FirstEmbedding:
-    """``value``: the unit embeddings z (B, D) of a step's first crop: the first B rows of the projection
-    head's first output in the ``with`` block (all crops at once with --group-crops-by-resolution)."""
-
-    def __init__(self, model: SwaV, batch: int):
-        self.model, self.batch, self.value = model, batch, None
-
-    def __enter__(self) -> "_FirstEmbedding":
-        self.handle = self.model.projection_head.register_forward_hook(self._keep)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-    def _keep(self, module, args, out: torch.Tensor) -> None:
-        if self.value is None:
-            self.value = out.detach()[: self.batch]
-
-
-def _next_batch(loader):
-    """The next batch, or (None, one line) when a ``--data`` file changed (deleted, made NaN) or a process
-    reading it died; the DataLoader wraps a worker's error in its traceback: its last line is kept."""
-    try:
-        return next(loader), None
-    except DataFault as e:
-        return None, str(e).strip().splitlines()[-1].split("DataFault: ")[-1]
-    except (RuntimeError, OSError) as e:  # OSError: a worker killed while handing over a batch
-        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
-            raise
-        return None, f"a process reading --data died ({type(e).__name__}: {str(e).splitlines()[0]})"
 
 
 _DIVERGED = "stopped, the last checkpoint is kept (lower --lr or raise --epsilon, then --resume)"
@@ -324,35 +278,14 @@ def _log(run: Run) -> None:
     cps = ran * args.batch_size * (run.crops.n_high + run.crops.n_low) * world_size() / elapsed
     per_step = (now - progress.session_start) / (progress.step - progress.session_from)
     if rank() == 0:
-        say(report.progress_line(progress.step, args.steps, mean, lr, cps, (run.end - progress.step) * per_step, health))
+        row = dict(loss=mean, lr=lr, crops_per_s=cps, **health)
+        say(report.progress_line(progress.step, args.steps, row, (run.end - progress.step) * per_step))
         report.append_log(run.paths["log.csv"], dict(step=progress.step, loss=f"{mean:.6f}", lr=f"{lr:.6e}",
                           crops_per_s=f"{cps:.1f}", elapsed=f"{progress.seconds:.2f}", skipped=progress.skipped,
                           **{k: f"{v:.4f}" for k, v in health.items()}))
     progress.window, progress.health = [], []
     progress.window_start, progress.window_from = time.perf_counter(), progress.step
-    _watch(run, health)
-
-
-_ROWS_TO_WARN = 3  # logged rows in a row that look collapsed before the warning
-
-
-def _watch(run: Run, health: Dict[str, float]) -> None:
-    """After the warm-up and the frozen prototype steps, say once (in one line) when the last logged rows all
-    look collapsed, naming the figure and the knobs; with --stop-on-collapse, stop (a :class:`_Collapsed`)."""
-    args, progress = run.args, run.progress
-    if progress.step <= max(args.warmup_steps, args.freeze_prototypes_steps):
-        return
-    why = report.collapse(health, args.prototypes)
-    progress.collapsed_rows = progress.collapsed_rows + 1 if why else 0
-    if progress.collapsed_rows == _ROWS_TO_WARN:  # once per stretch of collapsed rows
-        line = f"step {progress.step}: the run looks collapsed for {_ROWS_TO_WARN} logged rows: {why}"
-        if args.stop_on_collapse:
-            raise _Collapsed(line)
-        say(line + " (going on; --stop-on-collapse stops instead)")
-
-
-class _Collapsed(Exception):
-    """--stop-on-collapse: the run looks collapsed (the message says how); it stops after a checkpoint."""
+    report.watch(run.progress, run.args, health)
 
 
 def _save(run: Run) -> None:
@@ -361,8 +294,7 @@ def _save(run: Run) -> None:
 
 
 def _finish(run: Run) -> None:
-    """k-NN and linear-probe evaluation, metrics.json, backbone.pt, loss.png and the summary, on rank 0; the
-    other ranks wait."""
+    """k-NN and linear probe, metrics.json, backbone.pt, loss.png and the summary on rank 0; the others wait."""
     args, progress = run.args, run.progress
     backbone = copy.deepcopy(run.init_backbone).to(run.device)  # the trained one, unsharded
     state = parallel.cpu_state(run.model)
