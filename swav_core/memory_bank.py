@@ -1,5 +1,4 @@
 """A FIFO ring buffer of feature vectors: SwAV's queue (Caron et al., 2020, §4 "small batches")."""
-import functools
 import math
 import operator
 from typing import List, Optional, Sequence, Tuple, Union
@@ -9,17 +8,6 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["MemoryBankModule"]
-
-
-def _eager(recursive: bool = True):
-    """``torch.compiler.disable`` while compiling (not at import: torch._dynamo takes a second): no guards per step."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            compiling = torch.compiler.is_compiling()
-            return (torch.compiler.disable(fn, recursive=recursive) if compiling else fn)(*args, **kwargs)
-        return call
-    return wrap
 
 
 class MemoryBankModule(nn.Module):
@@ -58,10 +46,11 @@ class MemoryBankModule(nn.Module):
         stored = self.bank[: self._filled]  # (n, D), slot order
         return stored.roll(-self._ptr, 0) if ordered else stored  # the oldest row is at the pointer
 
-    @_eager()
     @torch.no_grad()
     def push(self, x: torch.Tensor) -> None:
         """Append a batch (B, D), overwriting the oldest rows once full; all-gathered if requested."""
+        if torch.compiler.is_compiling():  # eagerly: its int counters would be guarded on, a recompilation a step
+            return torch.compiler.disable(self.push)(x)
         self._resize(_checked(self, x, "push").shape[1])
         x = _all_gather(x.detach()) if self.gather_distributed else x.detach()
         length, b = self.length, x.shape[0]

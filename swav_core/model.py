@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import nn
 
 from .heads import SwaVProjectionHead, SwaVPrototypes, _flag, _int
-from .memory_bank import MemoryBankModule, _eager
+from .memory_bank import MemoryBankModule
 
 Scores = Union[torch.Tensor, List[torch.Tensor]]  # (B, K) per crop, or one per prototype head
 
@@ -50,9 +50,13 @@ class SwaV(nn.Module):
         queues = [MemoryBankModule(size=(self.queue_length, out_dim)) for _ in range(n_queues)]
         self.queues: Optional[nn.ModuleList] = nn.ModuleList(queues) if queues else None
 
-    @_eager(recursive=False)
     def __call__(self, input: Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]], epoch: Optional[int] = None,
                  step: Optional[int] = None) -> Tuple[List[Scores], List[Scores], Optional[List[Scores]]]:
+        if torch.compiler.is_compiling():  # the checks and normalize eagerly (not guarded on), the forward compiled
+            return torch.compiler.disable(SwaV._checked_call, recursive=False)(self, input, epoch, step)
+        return self._checked_call(input, epoch, step)
+
+    def _checked_call(self, input, epoch: Optional[int], step: Optional[int]):
         high, low, epoch = _check_input(self, input, epoch, step)  # before any state changes
         # Normalised where stored, before the hooks: FSDP2's swaps in an unsharded copy, which would lose it.
         self.prototypes.normalize()
@@ -84,10 +88,11 @@ class SwaV(nn.Module):
                              f"(shape {tuple(h.shape)}) but num_ftrs={self.num_ftrs}")
         return h
 
-    @_eager()
     @torch.no_grad()
     def _queue_scores(self, high_z: torch.Tensor, epoch: int, step: Optional[int]) -> Optional[List[Scores]]:
         """Full queues' rows scored (slot order: Sinkhorn is equivariant to it), then the batch (V1, B, D) pushed."""
+        if torch.compiler.is_compiling():  # eagerly: the queues' Python counters would be guarded on
+            return torch.compiler.disable(self._queue_scores)(high_z, epoch, step)
         if self.queues is None:
             return None
         use = all(q.is_full for q in self.queues) and epoch >= self.start_queue_at_epoch
