@@ -224,6 +224,18 @@ def test_bad_size_raises(size):
         MemoryBankModule(size=size)
 
 
+def test_numpy_and_tensor_integer_sizes_are_accepted_as_heads_accepts_them(device):
+    """The same integers SwaVPrototypes takes (NumPy's, 0-dim integer tensors), stored as ints; bools refused."""
+    np = pytest.importorskip("numpy")
+    for size, length, dim in [(np.int64(6), 6, None), ((np.int32(6), np.int64(3)), 6, 3), (torch.tensor(6), 6, None)]:
+        bank = MemoryBankModule(size=size).to(device)
+        bank.push(torch.ones(2, 3, device=device))
+        assert (bank.length, type(bank.length), bank.dim, bank.num_filled) == (length, int, 3, 2)
+        assert bank.size == ((length, dim) if dim else length)
+    with pytest.raises(ValueError, match="size must be"):
+        MemoryBankModule(size=np.bool_(True))
+
+
 def test_bad_batches_raise(device):
     bank = MemoryBankModule(size=(5, 3)).to(device)
     with pytest.raises(ValueError, match=r"push expects features of shape \(B, 3\) to match the bank \(5, 3\), got \(3,\)"):
