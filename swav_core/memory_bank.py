@@ -15,8 +15,8 @@ class MemoryBankModule(nn.Module):
     disables it), stored as a ring buffer: a push writes at the pointer in O(B) whatever the length, a batch longer
     than the queue leaves its last rows, a row with NaN or ±inf is skipped without a host sync (its slot keeps its
     row). lightly's ``bank`` (length, D) and ``bank_ptr`` are not buffers, so DDP cannot broadcast rank 0's queue;
-    ``state_dict()`` holds them and ``bank_filled`` (lightly's state loads empty), as DTensors in a sharded model's,
-    so that DCP saves each rank's. ``gather_distributed``: push every rank's batch (B may differ);
+    ``state_dict()`` holds them and ``bank_filled`` (lightly's state loads empty), under a process group as tensors
+    that DCP saves per rank (:class:`_RankRow`). ``gather_distributed``: push every rank's batch (B may differ);
     ``feature_dim_first``: ``forward`` returns the bank as (D, length).
 
     >>> queue = MemoryBankModule(size=(3840, 128))
@@ -96,8 +96,8 @@ class MemoryBankModule(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         state = {"bank": self.bank.clone(),  # a snapshot, as the counters are
                  "bank_ptr": torch.tensor(self._ptr), "bank_filled": torch.tensor(self._filled)}
-        if _world() > 1 and any(type(v).__name__ == "DTensor" for v in destination.values()):  # sharded: see below
-            state = {k: _per_rank(v.to(self.bank.device)) for k, v in state.items()}
+        if _world() > 1:  # each rank's own, which DCP would take for replicated: see _RankRow
+            state = {k: v.as_subclass(_RankRow) for k, v in state.items()}
         destination.update({prefix + k: v for k, v in state.items()})
 
     def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
@@ -109,7 +109,7 @@ class MemoryBankModule(nn.Module):
         if absent:  # none: lightly / fmcib save no queue state, which loads as an empty queue
             self.bank.zero_()
             return self._set_counters(0, 0)
-        bank, ptr, filled = (_own_part(state_dict[k], n) for k, n in zip(keys, (2, 0, 0)))
+        bank, ptr, filled = (state_dict[k] for k in keys)
         problems = _state_errors(self, prefix, bank, ptr, filled)
         errors.extend(problems)
         if not problems:
@@ -135,31 +135,36 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])
 
 
-# A sharded model's queue state. DCP keeps one rank's copy of a plain tensor (it takes it for replicated): in a
-# state dict that holds DTensors (SwaV registers its queues after its parameters) the state is a DTensor over W
-# ranks, rank r's row its own: bank (W, L, D), bank_ptr, bank_filled (W,); gathered full, each rank loads its row.
-
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _per_rank(t: torch.Tensor) -> torch.Tensor:
-    """This rank's ``t`` as row ``rank`` of a DTensor (W, *t.shape) sharded over the default group."""
-    from torch.distributed.tensor import DeviceMesh, DTensor, Shard
-    mesh = DeviceMesh.from_group(dist.group.WORLD, t.device.type)
-    shape = torch.Size((_world(), *t.shape))
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(t[None], mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+class _RankRow(torch.Tensor):
+    """A queue state tensor (``shape``) of this rank, which DCP (torch.distributed.checkpoint) stores as row ``rank``
+    of a (W, *shape) tensor, each rank its own, and reads back into a template of the same kind: with a plain
+    tensor, DCP would keep one rank's copy for all. ``torch.save`` stores it as the plain tensor it is."""
 
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
-def _own_part(value, ndim: int):
-    """This rank's row of a :func:`_per_rank` state (a DTensor, or all W rows gathered); else ``value`` as it is."""
-    if type(value).__name__ == "DTensor":
-        value = value.to_local()  # (1, ...): this rank's row
-        return value[0] if value.ndim == ndim + 1 and len(value) == 1 else value
-    if _world() > 1 and torch.is_tensor(value) and value.ndim == ndim + 1 and len(value) == _world():
-        return value[dist.get_rank()]
-    return value
+    def size(self, dim=None):  # what DCP compares with the saved (W, *shape); .shape stays this rank's
+        size = torch.Size((_world(), *self.shape))
+        return size if dim is None else size[dim]
+
+    def __create_chunk_list__(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        offsets = torch.Size((dist.get_rank(),) + (0,) * self.ndim)
+        return [ChunkStorageMetadata(offsets=offsets, sizes=torch.Size((1, *self.shape)))]
+
+    def __create_write_items__(self, fqn: str, obj):
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+        chunk, properties = self.__create_chunk_list__()[0], TensorProperties.create_from_tensor(self)
+        data = TensorWriteData(chunk=chunk, properties=properties, size=self.size())
+        return [WriteItem(index=MetadataIndex(fqn, chunk.offsets), type=WriteItemType.SHARD, tensor_data=data)]
+
+    def __get_tensor_shard__(self, index):
+        return self.as_subclass(torch.Tensor)[None]  # (1, *shape), a view: DCP copies the row into it
 
 
 # --- argument checks --------------------------------------------------------------------------------
