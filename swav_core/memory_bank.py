@@ -36,9 +36,9 @@ class MemoryBankModule(nn.Module):
             self.bank, self._bank_ptr = torch.zeros(self.length, dim), torch.zeros(1, dtype=torch.long)  # not buffers
         self._ptr, self._filled = 0, 0  # next slot, real rows stored: ints, no host sync (_bank_ptr: lightly's)
 
-    # Read-only: lightly's bank_ptr ((1,) int64, refilled by each push), rows stored, D (None: not yet known).
+    # Read-only: lightly's bank_ptr ((1,) long, refilled by each push), rows stored, D, and bank_filled (for DCP).
     bank_ptr, num_filled = property(lambda self: self._bank_ptr), property(lambda self: self._filled)
-    dim = property(lambda self: self.bank.shape[1] or None)
+    dim, bank_filled = property(lambda self: self.bank.shape[1] or None), property(lambda s: torch.tensor(s._filled))
     is_full = property(lambda self: self.length > 0 and self._filled == self.length)
 
     def features(self, ordered: bool = True) -> torch.Tensor:
@@ -90,23 +90,26 @@ class MemoryBankModule(nn.Module):
             self.bank, self._bank_ptr = fn(self.bank), fn(self._bank_ptr)
         return self
 
-    bank_filled = property(lambda self: torch.tensor(self._filled))  # the state_dict's name, for DCP
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        state = {"bank": self.bank.clone(),  # a snapshot, as the counters are
-                 "bank_ptr": torch.tensor(self._ptr), "bank_filled": torch.tensor(self._filled)}
-        if _world() > 1:  # each rank's own, which DCP would take for replicated: see _RankRow
-            state = {k: v.as_subclass(_RankRow) for k, v in state.items()}
-        destination.update({prefix + k: v for k, v in state.items()})
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # and get_extra_state's rank marker
+        state = {"bank": self.bank.clone(), "bank_ptr": torch.tensor(self._ptr), "bank_filled": self.bank_filled}
+        destination.update({prefix + k: v.as_subclass(_RankRow) if _world() > 1 else v for k, v in state.items()})
+
+    def get_extra_state(self) -> torch.Tensor:  # whose queue the state holds: broadcast_from_rank0 sends only this
+        return torch.tensor(dist.get_rank() if _world() > 1 else 0)
+
+    set_extra_state = lambda self, state: None  # noqa: E731  (read by _load_from_state_dict)
 
     def _load_from_state_dict(self, state_dict, prefix, metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
         keys = [prefix + k for k in ("bank", "bank_ptr", "bank_filled")]
-        unexpected[:] = [k for k in unexpected if k not in keys]
-        absent = [k for k in keys if k not in state_dict]
-        missing.extend(absent if len(absent) < len(keys) else [])  # part of it: strict=True raises on these
-        if absent:  # none: lightly / fmcib save no queue state, which loads as an empty queue
+        absent = [k for k in keys if k not in state_dict]  # all: lightly / fmcib save no queue state (empty queue)
+        unexpected[:] = [k for k in unexpected if k not in keys]  # a marker missing: before this version, or lightly
+        missing[:] = [k for k in missing if k != prefix + "_extra_state"] + (absent if len(absent) < len(keys) else [])
+        if absent:
+            marker = state_dict.get(prefix + "_extra_state")
+            if len(absent) == len(keys) and torch.is_tensor(marker) and int(marker) != int(self.get_extra_state()):
+                errors.append(_BROADCAST.format(prefix, int(marker)))
             self.bank.zero_()
             return self._set_counters(0, 0)
         bank, ptr, filled = (state_dict[k] for k in keys)
@@ -140,16 +143,13 @@ def _world() -> int:
 
 
 class _RankRow(torch.Tensor):
-    """A queue state tensor (``shape``) of this rank, which DCP (torch.distributed.checkpoint) stores as row ``rank``
-    of a (W, *shape) tensor, each rank its own, and reads back into a template of the same kind: with a plain
-    tensor, DCP would keep one rank's copy for all. ``torch.save`` stores it as the plain tensor it is."""
+    """This rank's queue state, which DCP saves as its row of a (W, *shape) tensor; ``torch.save`` as a plain one."""
 
     def __reduce_ex__(self, protocol):
         return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
     def size(self, dim=None):  # what DCP compares with the saved (W, *shape); .shape stays this rank's
-        size = torch.Size((_world(), *self.shape))
-        return size if dim is None else size[dim]
+        return torch.Size((_world(), *self.shape))[slice(None) if dim is None else dim]
 
     def __create_chunk_list__(self):
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
@@ -169,6 +169,9 @@ class _RankRow(torch.Tensor):
 
 # --- argument checks --------------------------------------------------------------------------------
 
+_BROADCAST = ("{}: no queue state but rank {}'s marker: set_model_state_dict(..., broadcast_from_rank0=True) sends "
+              "rank 0's state only, not each rank's queues; load each rank's own state (DCP, or torch.save per rank)")
+
 def _flag(name: str, value) -> bool:
     """True / False or 1 / 0 (also NumPy's, or a 0-dim tensor); a truthy "no" is refused."""
     try:  # NumPy's bool (class bool_, or bool in NumPy 2) has no __index__
@@ -180,7 +183,6 @@ def _flag(name: str, value) -> bool:
 
 
 def _size(size) -> Tuple[int, int]:
-    """(length, D) of ``(length, D)``, or (length, 0) of an int length; ints, NumPy's too, not bools."""
     values = list(size) if isinstance(size, (tuple, list)) else [size, None]
     try:
         length, dim = (None if isinstance(v, bool) or v is None else operator.index(v) for v in values)
@@ -205,7 +207,6 @@ def _checked(queue: MemoryBankModule, x, what: str):
 
 
 def _state_errors(queue: MemoryBankModule, prefix: str, bank, ptr, filled) -> List[str]:
-    """Why a saved queue does not fit ``queue``; empty when it does."""
     length, dim = queue.length, queue.dim if isinstance(queue.size, tuple) else "D"
     got = tuple(bank.shape) if torch.is_tensor(bank) else type(bank).__name__
     if not (torch.is_tensor(bank) and bank.ndim == 2 and got[0] == length and dim in ("D", got[1])):
@@ -227,3 +228,4 @@ def _state_errors(queue: MemoryBankModule, prefix: str, bank, ptr, filled) -> Li
         problems.append(f"inconsistent queue state at '{prefix}': bank_ptr={int(ptr)}, bank_filled="
                         f"{int(filled)}, length={length}: a queue not full has bank_ptr == bank_filled")
     return problems
+

@@ -217,6 +217,36 @@ def test_distributed_checkpoint_gives_each_rank_its_own_queues():
             assert out and all(out.values()), (rank, out)
 
 
+def _broadcast_from_rank0(rank, world_size):
+    """set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) sends rank 0's state only: rank 0 gets
+    its own queues back, every other rank refuses in one error naming the option, instead of starting empty."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    out = {}
+    for wrapping in ("ddp", "root"):
+        model, net, _, _ = _trained(rank, wrapping)
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        fresh = _model()
+        fresh_net = fresh.to(torch.device("cpu")) if wrapping == "ddp" else _wrap(fresh, wrapping)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        try:
+            set_model_state_dict(fresh_net, full if rank == 0 else {}, options=options)
+            error = None
+        except RuntimeError as e:  # raised by load_state_dict after the broadcast: no collective is left half-done
+            error = str(e)
+        same = _equal_state(_state(fresh), _state(model))  # on every rank: gathering a sharded parameter is a collective
+        out[wrapping] = error or same
+    return out
+
+
+@pytest.mark.distributed
+def test_broadcast_from_rank0_refuses_on_the_ranks_whose_queues_it_cannot_send():
+    rank0, rank1 = run_distributed(_broadcast_from_rank0, 2)
+    assert rank0 == {"ddp": True, "root": True}, rank0
+    for wrapping, message in rank1.items():
+        assert "queues.0.: no queue state but rank 0's marker: set_model_state_dict(..., broadcast_from_rank0=True)" \
+            in message, (wrapping, message)
+
+
 def _resume_during_frozen_steps(rank, world_size, folder):
     """Save model and optimizer with DCP after 2 of 3 frozen steps, load them into a new model and
     optimizer, train on: the losses equal an uninterrupted run's, bit for bit."""

@@ -180,8 +180,10 @@ def test_state_dict_keys_and_errors(device):
     bank = MemoryBankModule(size=(4, 2)).to(device)
     bank.push(_rows(1, 5, 2, device))
     state = bank.state_dict()
-    assert set(state) == {"bank", "bank_ptr", "bank_filled"}
-    assert (int(state["bank_ptr"]), int(state["bank_filled"])) == (1, 4)
+    assert set(state) == {"bank", "bank_ptr", "bank_filled", "_extra_state"}  # the last: whose queue (rank 0)
+    assert (int(state["bank_ptr"]), int(state["bank_filled"]), int(state["_extra_state"])) == (1, 4, 0)
+    without = {k: v for k, v in state.items() if k != "_extra_state"}  # written before the marker: loads strictly
+    MemoryBankModule(size=(4, 2)).load_state_dict(without, strict=True)
     with pytest.raises(RuntimeError, match=r"\(4, 2\).*\(4, 3\)"):
         MemoryBankModule(size=(4, 3)).load_state_dict(state)
     with pytest.raises(RuntimeError, match=r"\(4, 2\).*\(5, 'D'\)"):
@@ -312,4 +314,4 @@ def test_loss_subclass_calls_super_forward_as_in_lightly(device):
         model.extend(out1.unbind(0))
         assert torch.equal(loss.features(), torch.stack(list(model)))
         assert int(loss.bank_ptr) == 3 * (step + 1) % 4
-    assert set(loss.state_dict()) == {"bank", "bank_ptr", "bank_filled"}
+    assert set(loss.state_dict()) == {"bank", "bank_ptr", "bank_filled", "_extra_state"}

@@ -87,11 +87,11 @@ def test_fmcib_checkpoint_loads_strict_and_reproduces_outputs(device):
     z = F.normalize(F.relu(h) @ s["projection_head.layers.3.weight"].T + s["projection_head.layers.3.bias"], dim=1)
     c = F.normalize(s["prototypes.heads.0.weight"], dim=1)
     torch.testing.assert_close(out_high[0], z @ c.T + s["prototypes.heads.0.bias"])
-    # Saving again adds the queue state, and the fmcib keys are all still there, unchanged.
+    # Saving again adds the queue state (and whose it is), and the fmcib keys are all still there, unchanged.
     saved = model.state_dict()
     assert set(FMCIB_KEYS) <= set(saved)
     assert set(saved) - set(FMCIB_KEYS) == {
-        f"queues.{i}.{k}" for i in range(2) for k in ("bank", "bank_ptr", "bank_filled")
+        f"queues.{i}.{k}" for i in range(2) for k in ("bank", "bank_ptr", "bank_filled", "_extra_state")
     }
 
 
