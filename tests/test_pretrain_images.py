@@ -61,9 +61,10 @@ def test_png_images_read_exactly_as_unit_floats_gray_colour_and_alpha(tmp_path, 
 
 
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=6))
-def test_held_out_split_is_stratified_disjoint_and_reproducible(counts):
-    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])[torch.randperm(sum(counts))]
+def test_held_out_split_is_stratified_disjoint_and_reproducible(device, counts):
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])[torch.randperm(sum(counts))].to(device)
     train, test = held_out_split(labels)
+    assert train.device == test.device == labels.device
     assert sorted(train.tolist() + test.tolist()) == list(range(len(labels)))  # disjoint, every sample once
     for c, n in enumerate(counts):
         assert int((labels[test] == c).sum()) == min(max(round(HELD_OUT * n), 1), n - 1)
