@@ -104,7 +104,7 @@ class MemoryBankModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, metadata, strict, missing, unexpected, errors)
         keys = [prefix + k for k in ("bank", "bank_ptr", "bank_filled")]
         absent = [k for k in keys if k not in state_dict]  # all: lightly / fmcib save no queue state (empty queue)
-        unexpected[:] = [k for k in unexpected if k not in keys]  # a marker missing: before this version, or lightly
+        unexpected[:] = [k for k in unexpected if k not in keys]  # next: no marker (older, lightly's) is not missing
         missing[:] = [k for k in missing if k != prefix + "_extra_state"] + (absent if len(absent) < len(keys) else [])
         if absent:
             marker = state_dict.get(prefix + "_extra_state")

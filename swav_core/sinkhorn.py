@@ -42,9 +42,9 @@ def sinkhorn(out: torch.Tensor, iterations: int = 3, epsilon: float = 0.05, gath
     reduce = _all_reduce if distributed and dist.get_world_size() > 1 else _local  # chosen once
     tiny = torch.finfo(dtype).tiny
     with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
-        m_col = reduce(torch.stack([b.detach().amax(dim=0).to(dtype) for b in blocks]).amax(dim=0), "max")  # (K,)
-        shift = m_col.mul(-0.5) if iterations else torch.zeros_like(m_col)  # a softmax per sample: no m_col
-        e = out.new_empty((sum(len(b) for b in blocks), len(m_col)), dtype=dtype)  # (B + N, K)
+        m_col = reduce(torch.stack([b.detach().amax(0).to(dtype) for b in blocks]).amax(0), "max") if iterations else 0
+        shift = m_col.mul(-0.5) if iterations else out.new_zeros(out.shape[1], dtype=dtype)  # (K,); softmax: no m_col
+        e = out.new_empty((sum(len(b) for b in blocks), out.shape[1]), dtype=dtype)  # (B + N, K)
         for b, part in zip(blocks, e.split([len(b) for b in blocks])):
             torch.add(shift, b.detach(), alpha=0.5, out=part)  # (S − m_col)/2: halved, no difference overflows
         half_row_max = e.amax(dim=1)  # (B + N,) m_row/2 ≤ 0

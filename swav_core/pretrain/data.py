@@ -94,11 +94,11 @@ def scan(path: str) -> Tuple[List[str], Optional[List[str]]]:
     return names, tops if len(set(tops) - {None}) >= 2 else None
 
 
-def _module(name: str, extra: str, path: str):
+def _module(name: str, package: str, extra: str, path: str):
     try:
         return __import__(name)
     except ImportError as e:
-        raise UsageError(f"--data: reading {path} needs {extra.split()[0]}: pip install -e \".[{extra.split()[1]}]\"") from e
+        raise UsageError(f"--data: reading {path} needs {package}: pip install -e \".[{extra}]\"") from e
 
 
 def _torch_load(path: str, mmap: bool):
@@ -115,7 +115,7 @@ GRAY_MODES, COLOUR_MODES = ("1", "L", "LA", "La"), ("P", "PA", "RGB", "RGBA", "R
 
 def _read_image(path: str, peek: bool, channels: Optional[int]) -> torch.Tensor:
     """An 8-bit image as uint8 (C, H, W): C = ``channels``, or 1 for a grayscale image and 3 for a colour one."""
-    Image = _module("PIL.Image", "Pillow images", path).Image
+    Image = _module("PIL.Image", "Pillow", "images", path).Image
     try:
         with Image.open(path) as img:
             if img.mode not in GRAY_MODES + COLOUR_MODES:
@@ -140,7 +140,7 @@ def _read(path: str, peek: bool = False, channels: Optional[int] = None) -> torc
     if path.lower().endswith(IMAGES):
         return _read_image(path, peek, channels)
     if path.endswith(".npy"):
-        np = _module("numpy", "numpy arrays", path)
+        np = _module("numpy", "numpy", "arrays", path)
         try:
             a = np.load(path, mmap_mode="r" if peek else None, allow_pickle=False)
             dtype = torch.from_numpy(np.empty(0, a.dtype)).dtype
@@ -214,11 +214,12 @@ class FolderDataset(Dataset):
         self.files = [os.path.join(path, name) for name in names]
         self.classes = sorted(set(tops)) if tops else None
         self.labels = torch.tensor([self.classes.index(t) for t in tops]) if tops else None
-        colour = [f for f in self.files if f.lower().endswith(IMAGES) and _read(f, peek=True).shape[0] == 3]
-        self.channels = 3 if colour else None  # images: colour if any is, as ImageFolder reads them
+        headers = {f: _read(f, peek=True) for f in self.files if f.lower().endswith(IMAGES)}  # (C, H, W) on meta
+        self.channels = 3 if any(x.shape[0] == 3 for x in headers.values()) else None  # colour if any, as ImageFolder
         first: Dict[tuple, str] = {}  # shape -> the first file of that shape
         for name, file in zip(names, self.files):
-            x = _read(file, peek=True, channels=self.channels)
+            x = headers[file].new_empty((self.channels or 1, *headers[file].shape[1:])) if file in headers else \
+                _read(file, peek=True)
             if x.dtype.is_floating_point and x.is_meta:  # a .npy: numpy's memory map, read the values
                 x = _read(file)
             check_sample(x, file)
